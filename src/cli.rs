@@ -1,0 +1,552 @@
+//! The command line: one function per subcommand. Only this module (and `main`) use
+//! `anyhow`; the library reports typed errors.
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use klantreis::config::Config;
+use klantreis::nurture::{NurtureOptions, NurtureSummary};
+use klantreis::rules::RuleSet;
+use klantreis::store::{SledStore, Store};
+use klantreis::{clock, explain, import, nurture, ruletest};
+use rayon::prelude::*;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The time the shipped demo data is evaluated at, so the demo prints the same
+/// funnel on every machine and every day.
+pub const DEMO_NOW: &str = "2026-11-20T12:00:00Z";
+
+#[derive(Debug, Parser)]
+#[command(name = "klantreis", version, about = "Customer-journey phases in Rhai rules, on an embedded store")]
+pub struct Cli {
+    /// The config file; relative paths in it resolve against its folder.
+    #[arg(long, global = true, default_value = "config.toml", env = "KLANTREIS_CONFIG")]
+    config: PathBuf,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate config.toml and compile every rule file; report every problem.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the rule tests (rules/tests/*.toml by default).
+    Test {
+        /// A test file or a folder of them.
+        path: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import customers from JSON Lines or CSV (by extension; `-` reads JSON Lines from stdin).
+    Import {
+        #[arg(default_value = "-")]
+        file: String,
+        /// Force the input format.
+        #[arg(long, value_parser = ["jsonl", "csv"])]
+        format: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Classify customers from JSON Lines without touching the store.
+    Eval {
+        #[arg(default_value = "-")]
+        file: String,
+        /// Only this journey.
+        #[arg(long)]
+        journey: Option<String>,
+        /// Evaluate at this time (RFC 3339) instead of now.
+        #[arg(long)]
+        now: Option<String>,
+    },
+    /// Evaluate every stored customer in every journey and record the transitions.
+    Nurture {
+        #[arg(long)]
+        now: Option<String>,
+        /// Evaluate and report, but write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        /// Worker threads (default: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Show a customer's phases, their history, and the rule lines that decided them.
+    Explain {
+        id: String,
+        #[arg(long)]
+        now: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Customers per phase per journey.
+    Funnel {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Erase a customer and everything stored about them.
+    Forget { id: String },
+    /// Import the shipped demo customers, run a nurture and print the funnel.
+    Demo {
+        /// The demo data (JSON Lines or CSV).
+        #[arg(long, default_value = "examples/customers.jsonl")]
+        data: PathBuf,
+        /// Evaluation time.
+        #[arg(long, default_value = DEMO_NOW)]
+        now: String,
+    },
+}
+
+/// Logs go to stderr; `RUST_LOG` wins over `-v`.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Check { json } => check(&cli.config, json),
+        Command::Test { path, json } => test(&cli.config, path, json),
+        Command::Import { file, format, json } => import_cmd(&cli.config, &file, format.as_deref(), json),
+        Command::Eval { file, journey, now } => eval(&cli.config, &file, journey.as_deref(), now.as_deref()),
+        Command::Nurture {
+            now,
+            dry_run,
+            json,
+            threads,
+        } => nurture_cmd(&cli.config, now.as_deref(), dry_run, json, threads),
+        Command::Explain { id, now, json } => explain_cmd(&cli.config, &id, now.as_deref(), json),
+        Command::Funnel { json } => funnel(&cli.config, json),
+        Command::Forget { id } => forget(&cli.config, &id),
+        Command::Demo { data, now } => demo(&cli.config, &data, &now),
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config> {
+    Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn load_rules(config: &Config) -> Result<RuleSet> {
+    RuleSet::load(config).map_err(|ds| {
+        anyhow::anyhow!(
+            "{}",
+            ds.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+        )
+    })
+}
+
+fn open_store(config: &Config) -> Result<SledStore> {
+    Ok(SledStore::open(&config.store.path, config.store.cache_mb)?)
+}
+
+fn parse_now(now: Option<&str>) -> Result<DateTime<Utc>> {
+    let clock = match now {
+        Some(s) => clock::from_option(Some(
+            klantreis::time::parse(s).with_context(|| format!("--now {s:?} is not an RFC 3339 time"))?,
+        )),
+        None => clock::from_option(None),
+    };
+    Ok(clock.now())
+}
+
+fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    let template = if what == "bytes" {
+        "{spinner} {msg} [{bar:40}] {bytes}/{total_bytes} ({eta})"
+    } else {
+        "{spinner} {msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta})"
+    };
+    pb.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
+    pb
+}
+
+fn check(config_path: &Path, json: bool) -> Result<ExitCode> {
+    let mut problems: Vec<klantreis::diag::Diagnostic> = Vec::new();
+    let mut journeys = 0;
+    match Config::load(config_path) {
+        Err(klantreis::config::ConfigError::Invalid(ds)) => problems.extend(ds),
+        Err(e) => bail!(e),
+        Ok(config) => {
+            journeys = config.journeys.len();
+            if let Err(ds) = RuleSet::load(&config) {
+                problems.extend(ds);
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ok": problems.is_empty(), "journeys": journeys, "problems": problems})
+        );
+    } else if problems.is_empty() {
+        println!("ok: {} is valid; {journeys} journeys, every rule compiles", config_path.display());
+    } else {
+        for p in &problems {
+            println!("{p}");
+        }
+        println!("{} problem(s) found", problems.len());
+    }
+    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn test(config_path: &Path, path: Option<PathBuf>, json: bool) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let rules = load_rules(&config)?;
+    let path = path.unwrap_or_else(|| config.rules_dir.join("tests"));
+    let files = ruletest::test_files(&path);
+    if files.is_empty() {
+        bail!("no rule tests found at {}", path.display());
+    }
+    let report = ruletest::run(&rules, &files);
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        for p in &report.problems {
+            println!("{p}");
+        }
+        for r in report.results.iter().filter(|r| r.failure.is_some()) {
+            println!(
+                "FAIL {} {:?} (journey {}): {}",
+                r.location,
+                r.name,
+                r.journey,
+                r.failure.as_deref().unwrap_or("")
+            );
+        }
+    }
+    println!("{} passed, {} failed", report.passed(), report.failed());
+    Ok(if report.failed() == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn import_cmd(config_path: &Path, file: &str, format: Option<&str>, json: bool) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let store = open_store(&config)?;
+    let report = import_file(&store, file, format)?;
+    print_import(&report, json)?;
+    Ok(if report.errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn import_file(store: &dyn Store, file: &str, format: Option<&str>) -> Result<import::ImportReport> {
+    let format = match format {
+        Some("csv") => import::Format::Csv,
+        Some(_) => import::Format::Jsonl,
+        None => import::Format::from_path(file),
+    };
+    if file == "-" {
+        let stdin = std::io::stdin();
+        return Ok(import::import(store, stdin.lock(), format, &|_| {})?);
+    }
+    let f = std::fs::File::open(file).with_context(|| format!("cannot open {file}"))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let pb = progress_bar(len, "bytes");
+    pb.set_message("importing");
+    let report = import::import(store, BufReader::with_capacity(1 << 20, f), format, &|b| pb.set_position(b));
+    pb.finish_and_clear();
+    Ok(report?)
+}
+
+fn print_import(report: &import::ImportReport, json: bool) -> Result<()> {
+    for e in &report.error_samples {
+        eprintln!("line {}: {}", e.line, e.error);
+    }
+    if report.errors > report.error_samples.len() as u64 {
+        eprintln!("... and {} more bad lines", report.errors - report.error_samples.len() as u64);
+    }
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!(
+            "imported {} customers: {} new, {} updated, {} unchanged; {} bad lines skipped",
+            report.customers, report.stats.created, report.stats.updated, report.stats.unchanged, report.errors
+        );
+    }
+    Ok(())
+}
+
+fn eval(config_path: &Path, file: &str, journey: Option<&str>, now: Option<&str>) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let rules = load_rules(&config)?;
+    let now = parse_now(now)?.timestamp();
+    let indices: Vec<usize> = match journey {
+        Some(name) => vec![rules
+            .journey_index(name)
+            .with_context(|| format!("unknown journey {name:?}"))?],
+        None => (0..rules.journeys.len()).collect(),
+    };
+    let input: Box<dyn BufRead> = if file == "-" {
+        Box::new(BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(BufReader::new(
+            std::fs::File::open(file).with_context(|| format!("cannot open {file}"))?,
+        ))
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut bad = 0u64;
+    let mut lines = input.lines().enumerate();
+    loop {
+        let chunk: Vec<(usize, String)> = lines
+            .by_ref()
+            .take(1024)
+            .map(|(i, l)| l.map(|l| (i + 1, l)))
+            .collect::<std::io::Result<_>>()?;
+        if chunk.is_empty() {
+            break;
+        }
+        let results: Vec<Result<Vec<String>, String>> = chunk
+            .par_iter()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(n, l)| {
+                let c = serde_json::from_str(l)
+                    .map_err(|e| format!("invalid JSON: {e}"))
+                    .and_then(import::customer_from_json)
+                    .map_err(|e| format!("line {n}: {e}"))?;
+                let base = RuleSet::customer_map_of(&c);
+                Ok(indices
+                    .iter()
+                    .map(|&i| {
+                        let mut map = base.clone();
+                        RuleSet::set_phase(&mut map, None);
+                        let j = &rules.journeys[i].name;
+                        let v = match rules.evaluate(i, map, now) {
+                            Ok(d) if d.flags.is_empty() => {
+                                serde_json::json!({"id": c.id, "journey": j, "phase": d.phase})
+                            }
+                            Ok(d) => serde_json::json!({"id": c.id, "journey": j, "phase": d.phase, "flags": d.flags}),
+                            Err(e) => serde_json::json!({"id": c.id, "journey": j, "error": e.message}),
+                        };
+                        v.to_string()
+                    })
+                    .collect())
+            })
+            .collect();
+        for r in results {
+            match r {
+                Ok(lines) => {
+                    for l in lines {
+                        writeln!(out, "{l}")?;
+                    }
+                }
+                Err(e) => {
+                    bad += 1;
+                    eprintln!("{e}");
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn run_nurture(store: &dyn Store, rules: &RuleSet, opts: &NurtureOptions) -> Result<(NurtureSummary, f64)> {
+    let total = store.customer_count()?;
+    let pb = progress_bar(total, "customers");
+    pb.set_message(if opts.dry_run { "nurture (dry run)" } else { "nurture" });
+    let started = std::time::Instant::now();
+    let summary = nurture::run(store, rules, opts, &|n| pb.set_position(n))?;
+    pb.finish_and_clear();
+    Ok((summary, started.elapsed().as_secs_f64()))
+}
+
+fn print_summary(summary: &NurtureSummary, secs: f64, config: &Config, json: bool, dry_run: bool) -> Result<()> {
+    for e in &summary.error_samples {
+        eprintln!("rule error: customer {}, journey {}: {}", e.id, e.journey, e.error);
+    }
+    if summary.errors > summary.error_samples.len() as u64 {
+        eprintln!("... and {} more rule errors", summary.errors - summary.error_samples.len() as u64);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "evaluated": summary.evaluated,
+                "transitions": summary.transitions,
+                "errors": summary.errors,
+                "dry_run": dry_run,
+                "seconds": (secs * 1000.0).round() / 1000.0,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "{}evaluated {} customers in {:.2} s ({:.0}/s); {} transitions, {} rule errors",
+        if dry_run { "dry run: " } else { "" },
+        summary.evaluated,
+        secs,
+        summary.evaluated as f64 / secs.max(1e-9),
+        summary.transition_count(),
+        summary.errors
+    );
+    for j in &config.journeys {
+        if let Some(t) = summary.transitions.get(&j.name) {
+            let mut items: Vec<_> = t.iter().collect();
+            items.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let list: Vec<String> = items.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("  {}: {}", j.name, list.join(", "));
+        }
+    }
+    Ok(())
+}
+
+fn nurture_cmd(config_path: &Path, now: Option<&str>, dry_run: bool, json: bool, threads: usize) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let rules = load_rules(&config)?;
+    let store = open_store(&config)?;
+    let mut opts = NurtureOptions::at(parse_now(now)?);
+    opts.dry_run = dry_run;
+    opts.threads = threads;
+    let (summary, secs) = run_nurture(&store, &rules, &opts)?;
+    print_summary(&summary, secs, &config, json, dry_run)?;
+    Ok(if summary.errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn explain_cmd(config_path: &Path, id: &str, now: Option<&str>, json: bool) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let rules = RuleSet::load_traced(&config).map_err(|ds| {
+        anyhow::anyhow!("{}", ds.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
+    })?;
+    let store = open_store(&config)?;
+    let Some(x) = explain::explain(&store, &rules, &config, id, parse_now(now)?)? else {
+        if json {
+            println!("{}", serde_json::json!({"id": id, "error": "no such customer"}));
+        } else {
+            println!("no customer {id:?} in the store");
+        }
+        return Ok(ExitCode::from(1));
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&x)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let email = x.customer.get("email").and_then(|v| v.as_str()).unwrap_or("");
+    println!("customer {} {}", x.id, if email.is_empty() { String::new() } else { format!("<{email}>") });
+    for j in &x.journeys {
+        println!();
+        match (&j.phase, &j.since) {
+            (Some(p), Some(s)) => println!("{}: {p} since {s}", j.journey),
+            _ => println!("{}: not in this journey", j.journey),
+        }
+        if !j.flags.is_empty() {
+            println!("  flags: {}", j.flags.join(", "));
+        }
+        if !j.history.is_empty() {
+            println!("  history:");
+            for t in &j.history {
+                println!(
+                    "    {}  {} → {}  (rules {})",
+                    t.at,
+                    t.from.as_deref().unwrap_or("-"),
+                    t.to.as_deref().unwrap_or("-"),
+                    t.rules_version
+                );
+            }
+        }
+        match (&j.evaluation, &j.error) {
+            (Some(d), _) => {
+                let now_says = d.phase.as_deref().unwrap_or("no phase");
+                println!("  why: at {} the rule gives {now_says}", x.evaluated_at);
+                if d.phase != j.phase {
+                    println!("  (that differs from the stored phase: the next nurture will record it)");
+                }
+            }
+            (None, Some(e)) => println!("  the rule fails at {}: {e}", x.evaluated_at),
+            _ => {}
+        }
+        for l in &j.trace {
+            println!("    {}:{:<4} {}", l.source, l.line, l.text);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_funnel(config: &Config, funnel: &klantreis::store::Funnel) {
+    const WIDTH: f64 = 40.0;
+    for j in &config.journeys {
+        let counts = funnel.get(&j.name);
+        let total: u64 = counts.map_or(0, |c| c.values().sum());
+        let max = counts.and_then(|c| c.values().max().copied()).unwrap_or(0).max(1);
+        let name_w = j.phases.iter().map(|p| p.chars().count()).max().unwrap_or(0);
+        println!("{} ({} customers)", j.name, total);
+        for p in &j.phases {
+            let n = counts.and_then(|c| c.get(p)).copied().unwrap_or(0);
+            let bar = "█".repeat(((n as f64 / max as f64) * WIDTH).round() as usize);
+            let pad = " ".repeat(name_w - p.chars().count());
+            println!("  {p}{pad}  {bar} {n}");
+        }
+    }
+}
+
+fn funnel(config_path: &Path, json: bool) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let store = open_store(&config)?;
+    let funnel = store.funnel()?;
+    if json {
+        // Every configured phase appears, with 0 where nobody is.
+        let mut out = serde_json::Map::new();
+        for j in &config.journeys {
+            let mut m = serde_json::Map::new();
+            for p in &j.phases {
+                let n = funnel.get(&j.name).and_then(|c| c.get(p)).copied().unwrap_or(0);
+                m.insert(p.clone(), n.into());
+            }
+            out.insert(j.name.clone(), m.into());
+        }
+        println!("{}", serde_json::Value::Object(out));
+    } else {
+        print_funnel(&config, &funnel);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn forget(config_path: &Path, id: &str) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let store = open_store(&config)?;
+    if store.forget(id)? {
+        println!("forgot customer {id:?}: record, phases and history erased");
+    } else {
+        println!("nothing stored for customer {id:?}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo(config_path: &Path, data: &Path, now: &str) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let rules = load_rules(&config)?;
+    let store = open_store(&config)?;
+    let data = if data.is_relative() { config.base_dir.join(data) } else { data.to_path_buf() };
+    let data = data.to_string_lossy().into_owned();
+    println!("klantreis demo: importing {data} into {}", config.store.path.display());
+    let report = import_file(&store, &data, None)?;
+    print_import(&report, false)?;
+    let now = parse_now(Some(now))?;
+    println!("nurture at {}:", klantreis::time::format(now));
+    let (summary, secs) = run_nurture(&store, &rules, &NurtureOptions::at(now))?;
+    print_summary(&summary, secs, &config, false, false)?;
+    if summary.transition_count() == 0 {
+        println!("  (no changes: this store was already nurtured at this time)");
+    }
+    println!();
+    print_funnel(&config, &store.funnel()?);
+    println!();
+    println!("next: `klantreis explain c0001` shows why a customer is where they are;");
+    println!("      `klantreis test` runs the rule tests.");
+    Ok(if summary.errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

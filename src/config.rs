@@ -1,0 +1,297 @@
+//! `config.toml`: parsed into a raw form (unknown keys are errors), then validated
+//! into a [`Config`] whose relative paths resolve against the config file's folder.
+
+use crate::diag::Diagnostic;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Everything that can be wrong with a config file; each problem names file:line:column.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Diagnostic>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    rules: RuleSettings,
+    #[serde(default)]
+    journeys: Vec<RawJourney>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default = "default_store_path")]
+    path: String,
+    #[serde(default = "default_cache_mb")]
+    cache_mb: u64,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            path: default_store_path(),
+            cache_mb: default_cache_mb(),
+        }
+    }
+}
+
+fn default_store_path() -> String {
+    "data/klantreis".into()
+}
+fn default_cache_mb() -> u64 {
+    256
+}
+
+/// Sandbox limits for rule evaluation (`[rules]` in config.toml).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuleSettings {
+    /// The folder rule files and `import`s resolve under.
+    pub dir: String,
+    /// Rhai operations one evaluation may take.
+    pub max_operations: u64,
+    /// Nested function calls.
+    pub max_call_depth: usize,
+    /// Nesting of expressions.
+    pub max_expr_depth: usize,
+    pub max_string_bytes: usize,
+    pub max_array_len: usize,
+    pub max_map_len: usize,
+    /// Wall-clock budget of one evaluation.
+    pub timeout_ms: u64,
+}
+
+impl Default for RuleSettings {
+    fn default() -> Self {
+        Self {
+            dir: "rules".into(),
+            max_operations: 100_000,
+            max_call_depth: 32,
+            max_expr_depth: 64,
+            max_string_bytes: 64 * 1024,
+            max_array_len: 10_000,
+            max_map_len: 10_000,
+            timeout_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJourney {
+    name: Spanned<String>,
+    rules: Spanned<String>,
+    phases: Spanned<Vec<String>>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file itself, as given.
+    pub file: PathBuf,
+    /// The folder relative paths resolve against.
+    pub base_dir: PathBuf,
+    pub store: StoreSettings,
+    pub rules: RuleSettings,
+    /// `rules.dir` resolved.
+    pub rules_dir: PathBuf,
+    pub journeys: Vec<JourneyConfig>,
+}
+
+/// Where and how the embedded store lives.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub path: PathBuf,
+    pub cache_mb: u64,
+}
+
+/// One journey: a name, its phases in order, and the rule file that picks them.
+#[derive(Debug, Clone)]
+pub struct JourneyConfig {
+    pub name: String,
+    pub phases: Vec<String>,
+    /// The rule file, resolved.
+    pub rules_path: PathBuf,
+    /// The rule file as written in config.toml (used in messages).
+    pub rules_display: String,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates config text as if read from `path`; every problem found is returned.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            ConfigError::Invalid(vec![Diagnostic::at_offset(&file, text, offset, e.message().trim())])
+        })?;
+        let base_dir = path
+            .parent()
+            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let mut problems = Vec::new();
+        let mut journeys: Vec<JourneyConfig> = Vec::new();
+        for j in raw.journeys {
+            let name = j.name.get_ref().trim().to_string();
+            if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-') {
+                problems.push(Diagnostic::at_offset(
+                    &file,
+                    text,
+                    j.name.span().start,
+                    format!("journey name {:?} must be letters, digits, '_' or '-'", j.name.get_ref()),
+                ));
+            }
+            if journeys.iter().any(|o| o.name == name) {
+                problems.push(Diagnostic::at_offset(
+                    &file,
+                    text,
+                    j.name.span().start,
+                    format!("journey {name:?} is defined twice"),
+                ));
+            }
+            let phases = j.phases.get_ref().clone();
+            if phases.is_empty() {
+                problems.push(Diagnostic::at_offset(
+                    &file,
+                    text,
+                    j.phases.span().start,
+                    format!("journey {name:?} has no phases"),
+                ));
+            }
+            for (i, p) in phases.iter().enumerate() {
+                if p.trim().is_empty() {
+                    problems.push(Diagnostic::at_offset(&file, text, j.phases.span().start, "a phase name is empty"));
+                } else if phases[..i].contains(p) {
+                    problems.push(Diagnostic::at_offset(
+                        &file,
+                        text,
+                        j.phases.span().start,
+                        format!("phase {p:?} is listed twice in journey {name:?}"),
+                    ));
+                }
+            }
+            let rules_path = base_dir.join(j.rules.get_ref());
+            if !rules_path.is_file() {
+                problems.push(Diagnostic::at_offset(
+                    &file,
+                    text,
+                    j.rules.span().start,
+                    format!("rule file {} does not exist", rules_path.display()),
+                ));
+            }
+            journeys.push(JourneyConfig {
+                name,
+                phases,
+                rules_path,
+                rules_display: j.rules.get_ref().clone(),
+            });
+        }
+        if journeys.is_empty() {
+            problems.push(Diagnostic::new(&file, 1, 1, "no [[journeys]] are defined"));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        let rules_dir = base_dir.join(&raw.rules.dir);
+        Ok(Config {
+            file: path.to_path_buf(),
+            store: StoreSettings {
+                path: base_dir.join(&raw.store.path),
+                cache_mb: raw.store.cache_mb,
+            },
+            rules_dir,
+            rules: raw.rules,
+            base_dir,
+            journeys,
+        })
+    }
+
+    /// The journey with this name.
+    pub fn journey(&self, name: &str) -> Option<&JourneyConfig> {
+        self.journeys.iter().find(|j| j.name == name)
+    }
+}
+
+/// Replaces every `${NAME}` in `value` with that environment variable. A missing
+/// variable is an error naming it; the value itself is never put in a message.
+pub fn expand_env(value: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unclosed ${{ in {value:?}"));
+        };
+        let name = &after[..end];
+        match std::env::var(name) {
+            Ok(v) => out.push_str(&v),
+            Err(_) => return Err(format!("environment variable {name} is not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+        std::fs::write(dir.path().join("rules/a.rhai"), "fn phase(c) { () }").unwrap();
+        Config::parse(&dir.path().join("config.toml"), text)
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_position() {
+        let err = parse("[store]\npath = \"x\"\ncolour = 1\n").unwrap_err().to_string();
+        assert!(err.contains("config.toml:3:1"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn journeys_validate_and_resolve_paths() {
+        let c = parse("[[journeys]]\nname = \"j\"\nrules = \"rules/a.rhai\"\nphases = [\"a\", \"b\"]\n").unwrap();
+        assert!(c.journeys[0].rules_path.ends_with("rules/a.rhai"));
+        assert!(c.store.path.ends_with("data/klantreis"));
+        let err = parse("[[journeys]]\nname = \"j\"\nrules = \"rules/missing.rhai\"\nphases = [\"a\", \"a\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listed twice"), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(err.contains(":3:9"), "{err}");
+    }
+
+    #[test]
+    fn env_expansion_names_missing_variable() {
+        std::env::set_var("KLANTREIS_TEST_TOKEN", "s3cret");
+        assert_eq!(expand_env("Bearer ${KLANTREIS_TEST_TOKEN}").unwrap(), "Bearer s3cret");
+        let err = expand_env("${KLANTREIS_SURELY_MISSING}").unwrap_err();
+        assert!(err.contains("KLANTREIS_SURELY_MISSING"));
+    }
+}

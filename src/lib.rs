@@ -1,0 +1,20 @@
+//! klantreis: an open-source marketing-automation rules engine.
+//!
+//! Customers (attributes plus events) live in a [`store::Store`]; per journey a Rhai
+//! rule in `rules/` maps each customer to a phase ([`rules`]); a [`nurture`] sweep
+//! evaluates every customer and records the transitions. Every "now" comes from one
+//! [`clock::Clock`], so tests and `--now` are deterministic.
+//!
+//! See `ARCHITECTURE.md` for the code map and its invariants.
+
+pub mod clock;
+pub mod config;
+pub mod diag;
+pub mod explain;
+pub mod import;
+pub mod model;
+pub mod nurture;
+pub mod rules;
+pub mod ruletest;
+pub mod store;
+pub mod time;

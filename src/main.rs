@@ -1,0 +1,19 @@
+//! The `klantreis` binary: parse the command line, run, map the outcome to an exit
+//! code (0 ok, 1 failed or problems found, 2 wrong usage).
+
+mod cli;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_logging(args.verbose);
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The embedded default backend, on sled.
+//!
+//! Trees:
+//! - `customers`: customer id → [`Customer::encode`] record; the key `\0count` holds
+//!   the number of customers (ids never contain control characters).
+//! - `phases`: `s/{id}` → the customer's [`PhaseStates`]; `h/{id}\0{seq:be64}` → one
+//!   [`Transition`]. States and their history share a tree so that one batch
+//!   records both atomically.
+//!
+//! sled acknowledges writes before they are on disk; callers that acknowledge
+//! anything to the outside call [`Store::flush`] first.
+
+use super::{validate_id, Funnel, MergeStats, PhaseUpdate, ScanItem, Store, StoreError};
+use crate::model::{decode_states, encode_states, Customer, PhaseStates, Transition};
+use std::collections::HashMap;
+use std::path::Path;
+
+const COUNT_KEY: &[u8] = b"\0count";
+
+/// A store in a sled directory.
+pub struct SledStore {
+    db: sled::Db,
+    customers: sled::Tree,
+    phases: sled::Tree,
+    /// Serialises read-modify-write merges of customer records.
+    merge_lock: parking_lot::Mutex<()>,
+}
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn state_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 2);
+    k.extend_from_slice(b"s/");
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn history_prefix(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 11);
+    k.extend_from_slice(b"h/");
+    k.extend_from_slice(id.as_bytes());
+    k.push(0);
+    k
+}
+
+impl SledStore {
+    /// Opens (or creates) the store at `path` with a page cache of `cache_mb` MiB.
+    pub fn open(path: &Path, cache_mb: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_mb.max(8) * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => StoreError::Locked {
+                    path: path.display().to_string(),
+                },
+                e => backend(e),
+            })?;
+        let customers = db.open_tree("customers").map_err(backend)?;
+        let phases = db.open_tree("phases").map_err(backend)?;
+        Ok(Self {
+            db,
+            customers,
+            phases,
+            merge_lock: parking_lot::Mutex::new(()),
+        })
+    }
+
+    /// A store in a fresh temporary directory that is removed when dropped (tests).
+    pub fn temporary() -> Result<Self, StoreError> {
+        let db = sled::Config::new().temporary(true).open().map_err(backend)?;
+        let customers = db.open_tree("customers").map_err(backend)?;
+        let phases = db.open_tree("phases").map_err(backend)?;
+        Ok(Self {
+            db,
+            customers,
+            phases,
+            merge_lock: parking_lot::Mutex::new(()),
+        })
+    }
+
+    fn count(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .customers
+            .get(COUNT_KEY)
+            .map_err(backend)?
+            .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+    }
+}
+
+impl Store for SledStore {
+    fn merge_customers(&self, batch: Vec<Customer>) -> Result<MergeStats, StoreError> {
+        let _guard = self.merge_lock.lock();
+        let mut stats = MergeStats::default();
+        // Customers touched by this batch, in first-seen order, with whether they existed.
+        let mut pending: HashMap<String, (Customer, bool, bool)> = HashMap::with_capacity(batch.len());
+        let mut order: Vec<String> = Vec::with_capacity(batch.len());
+        for mut c in batch {
+            validate_id(&c.id)?;
+            if let Some((existing, _, changed)) = pending.get_mut(&c.id) {
+                *changed |= existing.merge(c);
+                continue;
+            }
+            match self.customers.get(c.id.as_bytes()).map_err(backend)? {
+                Some(bytes) => {
+                    let mut existing = Customer::decode(&bytes)?;
+                    let changed = existing.merge(c);
+                    order.push(existing.id.clone());
+                    pending.insert(existing.id.clone(), (existing, true, changed));
+                }
+                None => {
+                    c.normalize();
+                    order.push(c.id.clone());
+                    pending.insert(c.id.clone(), (c, false, true));
+                }
+            }
+        }
+        let mut batch = sled::Batch::default();
+        for id in order {
+            let (c, existed, changed) = &pending[&id];
+            match (existed, changed) {
+                (false, _) => stats.created += 1,
+                (true, true) => stats.updated += 1,
+                (true, false) => {
+                    stats.unchanged += 1;
+                    continue;
+                }
+            }
+            batch.insert(c.id.as_bytes(), c.encode());
+        }
+        if stats.created > 0 {
+            let count = self.count()? + stats.created;
+            batch.insert(COUNT_KEY, &count.to_be_bytes());
+        }
+        self.customers.apply_batch(batch).map_err(backend)?;
+        Ok(stats)
+    }
+
+    fn customer(&self, id: &str) -> Result<Option<Customer>, StoreError> {
+        if validate_id(id).is_err() {
+            return Ok(None);
+        }
+        match self.customers.get(id.as_bytes()).map_err(backend)? {
+            Some(bytes) => Ok(Some(Customer::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn customer_count(&self) -> Result<u64, StoreError> {
+        self.count()
+    }
+
+    fn phase_states(&self, id: &str) -> Result<PhaseStates, StoreError> {
+        match self.phases.get(state_key(id)).map_err(backend)? {
+            Some(bytes) => Ok(decode_states(&bytes)?),
+            None => Ok(PhaseStates::new()),
+        }
+    }
+
+    fn history(&self, id: &str) -> Result<Vec<Transition>, StoreError> {
+        self.phases
+            .scan_prefix(history_prefix(id))
+            .map(|kv| {
+                let (_, v) = kv.map_err(backend)?;
+                Ok(Transition::decode(&v)?)
+            })
+            .collect()
+    }
+
+    fn scan(&self, chunk: usize, visit: &mut dyn FnMut(Vec<ScanItem>) -> bool) -> Result<(), StoreError> {
+        let chunk = chunk.max(1);
+        let mut states = self.phases.scan_prefix(b"s/").peekable();
+        let mut buf = Vec::with_capacity(chunk);
+        for kv in self.customers.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            if k.first() == Some(&0) {
+                continue;
+            }
+            // Merge-join with the states, which are in the same key order after "s/".
+            let mut state = None;
+            while let Some(next) = states.peek() {
+                let (sk, _) = match next {
+                    Ok(kv) => kv,
+                    Err(_) => {
+                        let e = states.next().expect("peeked").unwrap_err();
+                        return Err(backend(e));
+                    }
+                };
+                match sk[2..].cmp(&k[..]) {
+                    std::cmp::Ordering::Less => {
+                        states.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        let (_, sv) = states.next().expect("peeked").map_err(backend)?;
+                        state = Some(sv.to_vec());
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            buf.push(ScanItem {
+                id: String::from_utf8_lossy(&k).into_owned(),
+                record: v.to_vec(),
+                states: state,
+            });
+            if buf.len() == chunk && !visit(std::mem::replace(&mut buf, Vec::with_capacity(chunk))) {
+                return Ok(());
+            }
+        }
+        if !buf.is_empty() {
+            visit(buf);
+        }
+        Ok(())
+    }
+
+    fn record_phases(&self, updates: &[PhaseUpdate]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for u in updates {
+            if u.states.is_empty() {
+                batch.remove(state_key(&u.id));
+            } else {
+                batch.insert(state_key(&u.id), encode_states(&u.states));
+            }
+            for t in &u.transitions {
+                let seq = self.db.generate_id().map_err(backend)?;
+                let mut key = history_prefix(&u.id);
+                key.extend_from_slice(&seq.to_be_bytes());
+                batch.insert(key, t.encode());
+            }
+        }
+        self.phases.apply_batch(batch).map_err(backend)
+    }
+
+    fn funnel(&self) -> Result<Funnel, StoreError> {
+        let mut funnel = Funnel::new();
+        for kv in self.phases.scan_prefix(b"s/") {
+            let (_, v) = kv.map_err(backend)?;
+            let states: PhaseStates = decode_states(&v)?;
+            for (journey, s) in states {
+                *funnel.entry(journey).or_default().entry(s.phase).or_default() += 1;
+            }
+        }
+        Ok(funnel)
+    }
+
+    fn forget(&self, id: &str) -> Result<bool, StoreError> {
+        if validate_id(id).is_err() {
+            return Ok(false);
+        }
+        let _guard = self.merge_lock.lock();
+        let existed = self.customers.contains_key(id.as_bytes()).map_err(backend)?;
+        let mut phases = sled::Batch::default();
+        let mut any_phase = false;
+        phases.remove(state_key(id));
+        for kv in self.phases.scan_prefix(history_prefix(id)) {
+            let (k, _) = kv.map_err(backend)?;
+            phases.remove(k);
+            any_phase = true;
+        }
+        any_phase |= self.phases.contains_key(state_key(id)).map_err(backend)?;
+        self.phases.apply_batch(phases).map_err(backend)?;
+        if existed {
+            let mut customers = sled::Batch::default();
+            customers.remove(id.as_bytes());
+            let count = self.count()?.saturating_sub(1);
+            customers.insert(COUNT_KEY, &count.to_be_bytes());
+            self.customers.apply_batch(customers).map_err(backend)?;
+        }
+        self.flush()?;
+        Ok(existed || any_phase)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+}
