@@ -301,6 +301,7 @@ fn eval(config_path: &Path, file: &str, journey: Option<&str>, now: Option<&str>
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut bad = 0u64;
+    let mut rule_errors = 0u64;
     let mut lines = input.lines().enumerate();
     loop {
         let chunk: Vec<(usize, String)> = lines
@@ -311,7 +312,8 @@ fn eval(config_path: &Path, file: &str, journey: Option<&str>, now: Option<&str>
         if chunk.is_empty() {
             break;
         }
-        let results: Vec<Result<Vec<String>, String>> = chunk
+        // Per input line: its output lines, each with whether the rule failed.
+        let results: Vec<Result<Vec<(String, bool)>, String>> = chunk
             .par_iter()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(n, l)| {
@@ -326,14 +328,17 @@ fn eval(config_path: &Path, file: &str, journey: Option<&str>, now: Option<&str>
                         let mut map = base.clone();
                         RuleSet::set_phase(&mut map, None);
                         let j = &rules.journeys[i].name;
-                        let v = match rules.evaluate(i, map, now) {
+                        let (v, failed) = match rules.evaluate(i, map, now) {
                             Ok(d) if d.flags.is_empty() => {
-                                serde_json::json!({"id": c.id, "journey": j, "phase": d.phase})
+                                (serde_json::json!({"id": c.id, "journey": j, "phase": d.phase}), false)
                             }
-                            Ok(d) => serde_json::json!({"id": c.id, "journey": j, "phase": d.phase, "flags": d.flags}),
-                            Err(e) => serde_json::json!({"id": c.id, "journey": j, "error": e.message}),
+                            Ok(d) => (
+                                serde_json::json!({"id": c.id, "journey": j, "phase": d.phase, "flags": d.flags}),
+                                false,
+                            ),
+                            Err(e) => (serde_json::json!({"id": c.id, "journey": j, "error": e.message}), true),
                         };
-                        v.to_string()
+                        (v.to_string(), failed)
                     })
                     .collect())
             })
@@ -341,7 +346,8 @@ fn eval(config_path: &Path, file: &str, journey: Option<&str>, now: Option<&str>
         for r in results {
             match r {
                 Ok(lines) => {
-                    for l in lines {
+                    for (l, failed) in lines {
+                        rule_errors += u64::from(failed);
                         writeln!(out, "{l}")?;
                     }
                 }
@@ -353,7 +359,10 @@ fn eval(config_path: &Path, file: &str, journey: Option<&str>, now: Option<&str>
         }
     }
     out.flush()?;
-    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    if rule_errors > 0 {
+        eprintln!("{rule_errors} evaluation(s) failed");
+    }
+    Ok(if bad == 0 && rule_errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn run_nurture(store: &dyn Store, rules: &RuleSet, opts: &NurtureOptions) -> Result<(NurtureSummary, f64)> {

@@ -7,6 +7,13 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Behave like other command-line tools when the reader of our output goes away
+    // (`klantreis eval ... | head`): end quietly instead of panicking on EPIPE.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
     match cli::run(args) {

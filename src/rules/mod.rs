@@ -52,6 +52,25 @@ pub struct CompiledJourney {
     pub version: String,
     /// Whether the AST has top-level statements (imports) to run before `phase`.
     needs_eval: bool,
+    /// Where the rule loops. Rhai reports a budget overrun inside `phase` without a
+    /// position, so messages point at the loop instead.
+    loops: Vec<Position>,
+}
+
+/// The positions of every loop statement in `ast`, functions included.
+fn loop_positions(ast: &AST) -> Vec<Position> {
+    let mut out = Vec::new();
+    ast.walk(&mut |path: &[rhai::ASTNode]| {
+        if let Some(rhai::ASTNode::Stmt(s)) = path.last() {
+            if matches!(s, rhai::Stmt::While(..) | rhai::Stmt::Do(..) | rhai::Stmt::For(..)) {
+                out.push(s.position());
+            }
+        }
+        true
+    });
+    out.sort_by_key(|p| (p.line(), p.position()));
+    out.dedup();
+    out
 }
 
 /// The compiled rules of every journey, with the engine that runs them.
@@ -224,7 +243,9 @@ impl RuleSet {
     fn compile_journey(engine: &Engine, j: &JourneyConfig, rules_dir: &Path) -> Result<CompiledJourney, Diagnostic> {
         let ast = compile_file(engine, &j.rules_path, &j.rules_display)?;
         let needs_eval = !ast.statements().is_empty();
+        let loops = loop_positions(&ast);
         Ok(CompiledJourney {
+            loops,
             name: j.name.clone(),
             phases: j.phases.clone(),
             source: j.rules_display.clone(),
@@ -282,7 +303,19 @@ impl RuleSet {
         );
         DEADLINE.with(|d| d.set(None));
         let value = result.map_err(|e| {
-            let (src, pos, msg) = innermost(&e, &j.source);
+            let (src, mut pos, mut msg) = innermost(&e, &j.source);
+            let budget = matches!(*e, EvalAltResult::ErrorTooManyOperations(..) | EvalAltResult::ErrorTerminated(..));
+            if budget && pos.is_none() {
+                if let Some(first) = j.loops.first() {
+                    pos = *first;
+                    if j.loops.len() > 1 {
+                        let lines: Vec<String> = j.loops[1..].iter().filter_map(|p| p.line()).map(|l| l.to_string()).collect();
+                        msg = format!("{msg}, in this loop or the one at line(s) {}", lines.join(", "));
+                    } else {
+                        msg = format!("{msg}, in this loop");
+                    }
+                }
+            }
             RuleError {
                 message: match (pos.line(), pos.position()) {
                     (Some(l), Some(c)) => format!("{src}:{l}:{c}: {msg}"),

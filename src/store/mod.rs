@@ -69,7 +69,21 @@ pub type Funnel = BTreeMap<String, BTreeMap<String, u64>>;
 pub trait Store: Send + Sync {
     /// Merges customers into the store (new attribute values win, identical events are
     /// not repeated). Customers with the same id in one batch are merged in order.
-    fn merge_customers(&self, batch: Vec<Customer>) -> Result<MergeStats, StoreError>;
+    fn merge_customers(&self, batch: Vec<Customer>) -> Result<MergeStats, StoreError> {
+        self.merge_page(batch, None)
+    }
+
+    /// Like [`Store::merge_customers`], and in the same atomic step sets the named
+    /// cursor (a connector's sync position), so a sync killed half way resumes from
+    /// the last page whose records are stored.
+    fn merge_page(&self, batch: Vec<Customer>, cursor: Option<(&str, &[u8])>) -> Result<MergeStats, StoreError>;
+
+    /// A cursor set by [`Store::merge_page`].
+    fn cursor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The id of the customer whose `email` attribute is this address (compared
+    /// trimmed and lower-cased).
+    fn id_for_email(&self, email: &str) -> Result<Option<String>, StoreError>;
 
     /// One customer's record.
     fn customer(&self, id: &str) -> Result<Option<Customer>, StoreError>;
@@ -97,6 +111,11 @@ pub trait Store: Send + Sync {
 
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The form emails are compared in: trimmed and lower-cased.
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
 }
 
 /// Checks that an id can be stored (non-empty, no control characters).

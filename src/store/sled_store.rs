@@ -1,8 +1,10 @@
 //! The embedded default backend, on sled.
 //!
 //! Trees:
-//! - `customers`: customer id → [`Customer::encode`] record; the key `\0count` holds
-//!   the number of customers (ids never contain control characters).
+//! - `customers`: customer id → [`Customer::encode`] record. Keys starting with NUL
+//!   (ids never contain control characters) hold bookkeeping in the same tree, so one
+//!   batch updates it atomically with the records: `\0count` (number of customers),
+//!   `\0email/{email}` → id (the identity index), `\0cursor/{name}` (sync cursors).
 //! - `phases`: `s/{id}` → the customer's [`PhaseStates`]; `h/{id}\0{seq:be64}` → one
 //!   [`Transition`]. States and their history share a tree so that one batch
 //!   records both atomically.
@@ -10,12 +12,33 @@
 //! sled acknowledges writes before they are on disk; callers that acknowledge
 //! anything to the outside call [`Store::flush`] first.
 
-use super::{validate_id, Funnel, MergeStats, PhaseUpdate, ScanItem, Store, StoreError};
+use super::{normalize_email, validate_id, Funnel, MergeStats, PhaseUpdate, ScanItem, Store, StoreError};
 use crate::model::{decode_states, encode_states, Customer, PhaseStates, Transition};
 use std::collections::HashMap;
 use std::path::Path;
 
 const COUNT_KEY: &[u8] = b"\0count";
+
+fn email_key(email: &str) -> Vec<u8> {
+    let mut k = b"\0email/".to_vec();
+    k.extend_from_slice(normalize_email(email).as_bytes());
+    k
+}
+
+fn cursor_key(name: &str) -> Vec<u8> {
+    let mut k = b"\0cursor/".to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// The normalized email of a customer record, if it has one.
+fn email_of(c: &Customer) -> Option<String> {
+    c.attributes
+        .get("email")
+        .and_then(|v| v.as_str())
+        .map(normalize_email)
+        .filter(|e| !e.is_empty())
+}
 
 /// A store in a sled directory.
 pub struct SledStore {
@@ -92,10 +115,12 @@ impl SledStore {
 }
 
 impl Store for SledStore {
-    fn merge_customers(&self, batch: Vec<Customer>) -> Result<MergeStats, StoreError> {
+    fn merge_page(&self, batch: Vec<Customer>, cursor: Option<(&str, &[u8])>) -> Result<MergeStats, StoreError> {
         let _guard = self.merge_lock.lock();
         let mut stats = MergeStats::default();
-        // Customers touched by this batch, in first-seen order, with whether they existed.
+        // Customers touched by this batch, in first-seen order, with whether they
+        // existed and changed, and the email they were indexed under before.
+        let mut old_emails: HashMap<String, Option<String>> = HashMap::new();
         let mut pending: HashMap<String, (Customer, bool, bool)> = HashMap::with_capacity(batch.len());
         let mut order: Vec<String> = Vec::with_capacity(batch.len());
         for mut c in batch {
@@ -107,6 +132,7 @@ impl Store for SledStore {
             match self.customers.get(c.id.as_bytes()).map_err(backend)? {
                 Some(bytes) => {
                     let mut existing = Customer::decode(&bytes)?;
+                    old_emails.insert(existing.id.clone(), email_of(&existing));
                     let changed = existing.merge(c);
                     order.push(existing.id.clone());
                     pending.insert(existing.id.clone(), (existing, true, changed));
@@ -130,6 +156,19 @@ impl Store for SledStore {
                 }
             }
             batch.insert(c.id.as_bytes(), c.encode());
+            let new_email = email_of(c);
+            let old_email = old_emails.get(&id).cloned().flatten();
+            if new_email != old_email {
+                if let Some(old) = old_email {
+                    batch.remove(email_key(&old));
+                }
+            }
+            if let Some(e) = new_email {
+                batch.insert(email_key(&e), c.id.as_bytes());
+            }
+        }
+        if let Some((name, value)) = cursor {
+            batch.insert(cursor_key(name), value);
         }
         if stats.created > 0 {
             let count = self.count()? + stats.created;
@@ -137,6 +176,18 @@ impl Store for SledStore {
         }
         self.customers.apply_batch(batch).map_err(backend)?;
         Ok(stats)
+    }
+
+    fn cursor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.customers.get(cursor_key(name)).map_err(backend)?.map(|v| v.to_vec()))
+    }
+
+    fn id_for_email(&self, email: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .customers
+            .get(email_key(email))
+            .map_err(backend)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     fn customer(&self, id: &str) -> Result<Option<Customer>, StoreError> {
@@ -251,7 +302,12 @@ impl Store for SledStore {
             return Ok(false);
         }
         let _guard = self.merge_lock.lock();
-        let existed = self.customers.contains_key(id.as_bytes()).map_err(backend)?;
+        let existing = self.customers.get(id.as_bytes()).map_err(backend)?;
+        let existed = existing.is_some();
+        let email = match existing {
+            Some(bytes) => email_of(&Customer::decode(&bytes)?),
+            None => None,
+        };
         let mut phases = sled::Batch::default();
         let mut any_phase = false;
         phases.remove(state_key(id));
@@ -265,6 +321,11 @@ impl Store for SledStore {
         if existed {
             let mut customers = sled::Batch::default();
             customers.remove(id.as_bytes());
+            if let Some(e) = email {
+                if self.id_for_email(&e)?.as_deref() == Some(id) {
+                    customers.remove(email_key(&e));
+                }
+            }
             let count = self.count()?.saturating_sub(1);
             customers.insert(COUNT_KEY, &count.to_be_bytes());
             self.customers.apply_batch(customers).map_err(backend)?;

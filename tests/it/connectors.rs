@@ -1,0 +1,1 @@
+//! Connector tests (issue 3): fakes of each vendor on loopback.

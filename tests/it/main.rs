@@ -1,0 +1,6 @@
+//! The one integration-test binary. Each module covers one boundary; `support` has
+//! the helpers (temp dirs, the CLI runner, fakes).
+
+mod cli;
+mod connectors;
+mod support;
