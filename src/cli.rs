@@ -9,7 +9,7 @@ use klantreis::config::Config;
 use klantreis::nurture::{NurtureOptions, NurtureSummary};
 use klantreis::rules::RuleSet;
 use klantreis::store::{SledStore, Store};
-use klantreis::{clock, explain, import, nurture, ruletest};
+use klantreis::{clock, connectors, explain, import, nurture, ruletest};
 use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -34,10 +34,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Validate config.toml and compile every rule file; report every problem.
+    /// Validate config.toml, connector definitions and instances, and compile every rule file; report every problem.
     Check {
         #[arg(long)]
         json: bool,
+        /// Also make one cheap authenticated request per connector instance.
+        #[arg(long)]
+        online: bool,
     },
     /// Run the rule tests (rules/tests/*.toml by default).
     Test {
@@ -64,13 +67,14 @@ enum Command {
         #[arg(long)]
         journey: Option<String>,
         /// Evaluate at this time (RFC 3339) instead of now.
-        #[arg(long)]
-        now: Option<String>,
+        #[arg(long, value_parser = rfc3339)]
+        now: Option<DateTime<Utc>>,
     },
     /// Evaluate every stored customer in every journey and record the transitions.
     Nurture {
-        #[arg(long)]
-        now: Option<String>,
+        /// Evaluate at this time (RFC 3339) instead of now.
+        #[arg(long, value_parser = rfc3339)]
+        now: Option<DateTime<Utc>>,
         /// Evaluate and report, but write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -79,12 +83,26 @@ enum Command {
         /// Worker threads (default: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Do not sync the connector instances first.
+        #[arg(long)]
+        no_sync: bool,
+    },
+    /// Pull customers from the connector instances in config.toml (all, or one by name).
+    Sync {
+        /// The instance (`[connectors.NAME]`); default: every instance that pulls.
+        name: Option<String>,
+        /// List everything again instead of only what changed since the last sync.
+        #[arg(long)]
+        full: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Show a customer's phases, their history, and the rule lines that decided them.
     Explain {
         id: String,
-        #[arg(long)]
-        now: Option<String>,
+        /// Evaluate at this time (RFC 3339) instead of now.
+        #[arg(long, value_parser = rfc3339)]
+        now: Option<DateTime<Utc>>,
         #[arg(long)]
         json: bool,
     },
@@ -93,16 +111,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Erase a customer and everything stored about them.
-    Forget { id: String },
+    /// Erase a customer and everything stored about them, then compact the store so
+    /// no bytes of them stay on disk.
+    Forget {
+        id: String,
+        /// Skip the compaction (when forgetting many customers: run `compact` after).
+        #[arg(long)]
+        no_compact: bool,
+    },
+    /// Rewrite the store so erased records leave no bytes on disk.
+    Compact,
     /// Import the shipped demo customers, run a nurture and print the funnel.
     Demo {
         /// The demo data (JSON Lines or CSV).
         #[arg(long, default_value = "examples/customers.jsonl")]
         data: PathBuf,
         /// Evaluation time.
-        #[arg(long, default_value = DEMO_NOW)]
-        now: String,
+        #[arg(long, value_parser = rfc3339, default_value = DEMO_NOW)]
+        now: DateTime<Utc>,
     },
 }
 
@@ -123,20 +149,23 @@ pub fn init_logging(verbose: u8) {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Check { json } => check(&cli.config, json),
+        Command::Check { json, online } => check(&cli.config, json, online),
         Command::Test { path, json } => test(&cli.config, path, json),
         Command::Import { file, format, json } => import_cmd(&cli.config, &file, format.as_deref(), json),
-        Command::Eval { file, journey, now } => eval(&cli.config, &file, journey.as_deref(), now.as_deref()),
+        Command::Eval { file, journey, now } => eval(&cli.config, &file, journey.as_deref(), now),
         Command::Nurture {
             now,
             dry_run,
             json,
             threads,
-        } => nurture_cmd(&cli.config, now.as_deref(), dry_run, json, threads),
-        Command::Explain { id, now, json } => explain_cmd(&cli.config, &id, now.as_deref(), json),
+            no_sync,
+        } => nurture_cmd(&cli.config, now, dry_run, json, threads, no_sync),
+        Command::Sync { name, full, json } => sync_cmd(&cli.config, name.as_deref(), full, json),
+        Command::Explain { id, now, json } => explain_cmd(&cli.config, &id, now, json),
         Command::Funnel { json } => funnel(&cli.config, json),
-        Command::Forget { id } => forget(&cli.config, &id),
-        Command::Demo { data, now } => demo(&cli.config, &data, &now),
+        Command::Forget { id, no_compact } => forget(&cli.config, &id, !no_compact),
+        Command::Compact => compact(&cli.config),
+        Command::Demo { data, now } => demo(&cli.config, &data, now),
     }
 }
 
@@ -157,14 +186,14 @@ fn open_store(config: &Config) -> Result<SledStore> {
     Ok(SledStore::open(&config.store.path, config.store.cache_mb)?)
 }
 
-fn parse_now(now: Option<&str>) -> Result<DateTime<Utc>> {
-    let clock = match now {
-        Some(s) => clock::from_option(Some(
-            klantreis::time::parse(s).with_context(|| format!("--now {s:?} is not an RFC 3339 time"))?,
-        )),
-        None => clock::from_option(None),
-    };
-    Ok(clock.now())
+/// `--now`: an RFC 3339 time. A bad value is a usage error (exit 2), like any flag.
+fn rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
+    klantreis::time::parse(s).ok_or_else(|| format!("{s:?} is not an RFC 3339 time such as 2026-11-20T12:00:00Z"))
+}
+
+/// The evaluation time: `--now`, or the wall clock. The one place the CLI reads a clock.
+fn parse_now(now: Option<DateTime<Utc>>) -> Result<DateTime<Utc>> {
+    Ok(clock::from_option(now).now())
 }
 
 fn progress_bar(len: u64, what: &str) -> ProgressBar {
@@ -178,25 +207,43 @@ fn progress_bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-fn check(config_path: &Path, json: bool) -> Result<ExitCode> {
+fn check(config_path: &Path, json: bool, online: bool) -> Result<ExitCode> {
     let mut problems: Vec<klantreis::diag::Diagnostic> = Vec::new();
     let mut journeys = 0;
-    match Config::load(config_path) {
+    let mut online_checks: Vec<connectors::OnlineCheck> = Vec::new();
+    let text = std::fs::read_to_string(config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+    match Config::parse_lenient(config_path, &text) {
         Err(klantreis::config::ConfigError::Invalid(ds)) => problems.extend(ds),
         Err(e) => bail!(e),
-        Ok(config) => {
+        Ok((config, config_problems)) => {
+            problems.extend(config_problems);
             journeys = config.journeys.len();
             if let Err(ds) = RuleSet::load(&config) {
                 problems.extend(ds);
             }
+            problems.extend(connectors::check(&config));
+            if online {
+                online_checks = connectors::check_online_blocking(&config, clock::from_option(None));
+            }
         }
     }
+    let online_failed = online_checks.iter().filter(|c| !c.ok).count();
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"ok": problems.is_empty(), "journeys": journeys, "problems": problems})
-        );
-    } else if problems.is_empty() {
+        let mut v = serde_json::json!({"ok": problems.is_empty() && online_failed == 0, "journeys": journeys, "problems": problems});
+        if online {
+            v["online"] = serde_json::to_value(&online_checks)?;
+        }
+        println!("{v}");
+        return Ok(if problems.is_empty() && online_failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    for c in &online_checks {
+        println!("{} {}: {}", if c.ok { "online ok" } else { "online FAILED" }, c.instance, c.message);
+    }
+    if problems.is_empty() && online_failed > 0 {
+        println!("{online_failed} connector(s) failed the online check");
+        return Ok(ExitCode::from(1));
+    }
+    if problems.is_empty() {
         println!("ok: {} is valid; {journeys} journeys, every rule compiles", config_path.display());
     } else {
         for p in &problems {
@@ -281,7 +328,7 @@ fn print_import(report: &import::ImportReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn eval(config_path: &Path, file: &str, journey: Option<&str>, now: Option<&str>) -> Result<ExitCode> {
+fn eval(config_path: &Path, file: &str, journey: Option<&str>, now: Option<DateTime<Utc>>) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let rules = load_rules(&config)?;
     let now = parse_now(now)?.timestamp();
@@ -415,10 +462,26 @@ fn print_summary(summary: &NurtureSummary, secs: f64, config: &Config, json: boo
     Ok(())
 }
 
-fn nurture_cmd(config_path: &Path, now: Option<&str>, dry_run: bool, json: bool, threads: usize) -> Result<ExitCode> {
+fn nurture_cmd(
+    config_path: &Path,
+    now: Option<DateTime<Utc>>,
+    dry_run: bool,
+    json: bool,
+    threads: usize,
+    no_sync: bool,
+) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let rules = load_rules(&config)?;
     let store = open_store(&config)?;
+    // Sync first so the rules see today's data; a dry run writes nothing, so it
+    // does not sync either. Sync problems are reported on stderr and the nurture
+    // goes on with what is stored.
+    if !no_sync && !dry_run && !config.connectors.is_empty() {
+        let report = run_sync(&config, &store, None, false, clock::from_option(now))?;
+        for (name, r) in &report {
+            eprintln!("sync {}", sync_line(name, r));
+        }
+    }
     let mut opts = NurtureOptions::at(parse_now(now)?);
     opts.dry_run = dry_run;
     opts.threads = threads;
@@ -427,7 +490,71 @@ fn nurture_cmd(config_path: &Path, now: Option<&str>, dry_run: bool, json: bool,
     Ok(if summary.errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn explain_cmd(config_path: &Path, id: &str, now: Option<&str>, json: bool) -> Result<ExitCode> {
+fn run_sync(
+    config: &Config,
+    store: &dyn Store,
+    name: Option<&str>,
+    full: bool,
+    clock: clock::SharedClock,
+) -> Result<connectors::SyncReport> {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} sync {msg} ({elapsed})").expect("valid template"),
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    let progress = |p: connectors::Progress<'_>| match p.total {
+        Some(t) => pb.set_message(format!("{}: {}/{t} records", p.instance, p.fetched)),
+        None => pb.set_message(format!("{}: {} records", p.instance, p.fetched)),
+    };
+    let opts = connectors::SyncOptions { full };
+    let report = connectors::sync_all_blocking(config, store, name, &opts, clock, &progress);
+    pb.finish_and_clear();
+    Ok(report?)
+}
+
+/// One instance's sync, on one line.
+fn sync_line(name: &str, r: &connectors::InstanceReport) -> String {
+    let mode = match (r.source_unchanged, r.incremental, r.resumed) {
+        (true, _, _) => " (source unchanged)",
+        (_, true, true) => " (incremental, resumed)",
+        (_, true, false) => " (incremental)",
+        (_, false, true) => " (resumed)",
+        _ => "",
+    };
+    let mut line = format!(
+        "{name}: fetched {}, created {}, updated {}, unchanged {}; {} skipped, {} requests retried{mode}",
+        r.fetched, r.created, r.updated, r.unchanged, r.skipped, r.retried
+    );
+    if let Some(e) = &r.error {
+        line.push_str(&format!("\n  stopped: {e}"));
+    }
+    for s in &r.skipped_records {
+        line.push_str(&format!("\n  skipped record {}: {}", s.record, s.reason));
+    }
+    if r.skipped > r.skipped_records.len() as u64 {
+        line.push_str(&format!("\n  ... and {} more skipped records", r.skipped - r.skipped_records.len() as u64));
+    }
+    line
+}
+
+fn sync_cmd(config_path: &Path, name: Option<&str>, full: bool, json: bool) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let store = open_store(&config)?;
+    let report = run_sync(&config, &store, name, full, clock::from_option(None))?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else if report.is_empty() {
+        println!("no connector instance pulls; add one under [connectors.NAME] in {}", config_path.display());
+    } else {
+        for (name, r) in &report {
+            println!("{}", sync_line(name, r));
+        }
+    }
+    let failed = report.values().any(|r| r.errors > 0);
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn explain_cmd(config_path: &Path, id: &str, now: Option<DateTime<Utc>>, json: bool) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let rules = RuleSet::load_traced(&config).map_err(|ds| {
         anyhow::anyhow!("{}", ds.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
@@ -525,18 +652,33 @@ fn funnel(config_path: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn forget(config_path: &Path, id: &str) -> Result<ExitCode> {
+fn forget(config_path: &Path, id: &str, compact_after: bool) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let store = open_store(&config)?;
-    if store.forget(id)? {
+    let existed = store.forget(id)?;
+    drop(store);
+    if existed {
         println!("forgot customer {id:?}: record, phases and history erased");
+        if compact_after {
+            let (before, after) = SledStore::compact(&config.store.path, config.store.cache_mb)?;
+            println!("store compacted ({} KiB → {} KiB): no bytes of the customer remain on disk", before / 1024, after / 1024);
+        } else {
+            println!("run `klantreis compact` to remove the erased bytes from disk");
+        }
     } else {
         println!("nothing stored for customer {id:?}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn demo(config_path: &Path, data: &Path, now: &str) -> Result<ExitCode> {
+fn compact(config_path: &Path) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let (before, after) = SledStore::compact(&config.store.path, config.store.cache_mb)?;
+    println!("store compacted: {} KiB → {} KiB", before / 1024, after / 1024);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo(config_path: &Path, data: &Path, now: DateTime<Utc>) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let rules = load_rules(&config)?;
     let store = open_store(&config)?;
@@ -545,7 +687,6 @@ fn demo(config_path: &Path, data: &Path, now: &str) -> Result<ExitCode> {
     println!("klantreis demo: importing {data} into {}", config.store.path.display());
     let report = import_file(&store, &data, None)?;
     print_import(&report, false)?;
-    let now = parse_now(Some(now))?;
     println!("nurture at {}:", klantreis::time::format(now));
     let (summary, secs) = run_nurture(&store, &rules, &NurtureOptions::at(now))?;
     print_summary(&summary, secs, &config, false, false)?;

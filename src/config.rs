@@ -3,6 +3,7 @@
 
 use crate::diag::Diagnostic;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
@@ -28,6 +29,10 @@ struct RawConfig {
     rules: RuleSettings,
     #[serde(default)]
     journeys: Vec<RawJourney>,
+    /// `[connectors.NAME]` instances; their keys depend on the definition they name,
+    /// so they are kept generic here and checked by [`crate::connectors`].
+    #[serde(default)]
+    connectors: BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,7 +89,7 @@ impl Default for RuleSettings {
             max_string_bytes: 64 * 1024,
             max_array_len: 10_000,
             max_map_len: 10_000,
-            timeout_ms: 100,
+            timeout_ms: 1000,
         }
     }
 }
@@ -109,6 +114,50 @@ pub struct Config {
     /// `rules.dir` resolved.
     pub rules_dir: PathBuf,
     pub journeys: Vec<JourneyConfig>,
+    /// `[connectors.NAME]` instances, in name order.
+    pub connectors: Vec<ConnectorInstanceConfig>,
+    /// The folder of connector definitions (`connectors/` next to the config file);
+    /// definitions not found there come from the ones built into klantreis.
+    pub connectors_dir: PathBuf,
+}
+
+/// One `[connectors.NAME]` instance as written. Every key except `type` is kept with
+/// its position; [`crate::connectors`] checks them against the named definition.
+/// Values may hold credentials, so `Debug` prints only the key names.
+#[derive(Clone)]
+pub struct ConnectorInstanceConfig {
+    pub name: String,
+    /// The definition (`type = "hubspot"`).
+    pub kind: String,
+    /// Where `type` is written (1-based line and column).
+    pub kind_at: (usize, usize),
+    /// Where the instance table starts.
+    pub at: (usize, usize),
+    pub settings: BTreeMap<String, Setting>,
+}
+
+/// One key of a connector instance, with its position in the config file.
+#[derive(Clone)]
+pub struct Setting {
+    pub value: toml::Value,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl std::fmt::Debug for ConnectorInstanceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectorInstanceConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("settings", &self.settings.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Setting(*** at {}:{})", self.line, self.column)
+    }
 }
 
 /// Where and how the embedded store lives.
@@ -141,6 +190,18 @@ impl Config {
 
     /// Validates config text as if read from `path`; every problem found is returned.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let (config, problems) = Self::parse_lenient(path, text)?;
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Like [`Config::parse`], but a file that parses returns its usable part (journeys
+    /// with problems left out) beside the problems, so `check` can go on and compile
+    /// the rules of the other journeys. Syntax errors and unknown keys are still fatal.
+    pub fn parse_lenient(path: &Path, text: &str) -> Result<(Self, Vec<Diagnostic>), ConfigError> {
         let file = path.display().to_string();
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
@@ -153,7 +214,25 @@ impl Config {
             .to_path_buf();
         let mut problems = Vec::new();
         let mut journeys: Vec<JourneyConfig> = Vec::new();
+        let key_at = |key: &str| text.find(key).unwrap_or(0);
+        if raw.rules.max_operations == 0 {
+            problems.push(Diagnostic::at_offset(
+                &file,
+                text,
+                key_at("max_operations"),
+                "rules.max_operations must be at least 1 (0 would mean unlimited)",
+            ));
+        }
+        if raw.rules.timeout_ms == 0 {
+            problems.push(Diagnostic::at_offset(
+                &file,
+                text,
+                key_at("timeout_ms"),
+                "rules.timeout_ms must be at least 1",
+            ));
+        }
         for j in raw.journeys {
+            let before = problems.len();
             let name = j.name.get_ref().trim().to_string();
             if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-') {
                 problems.push(Diagnostic::at_offset(
@@ -201,21 +280,22 @@ impl Config {
                     format!("rule file {} does not exist", rules_path.display()),
                 ));
             }
-            journeys.push(JourneyConfig {
-                name,
-                phases,
-                rules_path,
-                rules_display: j.rules.get_ref().clone(),
-            });
+            if problems.len() == before {
+                journeys.push(JourneyConfig {
+                    name,
+                    phases,
+                    rules_path,
+                    rules_display: j.rules.get_ref().clone(),
+                });
+            }
         }
-        if journeys.is_empty() {
+        if journeys.is_empty() && problems.is_empty() {
             problems.push(Diagnostic::new(&file, 1, 1, "no [[journeys]] are defined"));
         }
-        if !problems.is_empty() {
-            return Err(ConfigError::Invalid(problems));
-        }
+        let connectors_dir = base_dir.join("connectors");
+        let connectors = connector_instances(&file, text, &connectors_dir, raw.connectors, &mut problems);
         let rules_dir = base_dir.join(&raw.rules.dir);
-        Ok(Config {
+        let config = Config {
             file: path.to_path_buf(),
             store: StoreSettings {
                 path: base_dir.join(&raw.store.path),
@@ -225,13 +305,92 @@ impl Config {
             rules: raw.rules,
             base_dir,
             journeys,
-        })
+            connectors,
+            connectors_dir,
+        };
+        Ok((config, problems))
     }
 
     /// The journey with this name.
     pub fn journey(&self, name: &str) -> Option<&JourneyConfig> {
         self.journeys.iter().find(|j| j.name == name)
     }
+}
+
+type RawInstances = BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>;
+
+/// `[connectors.NAME]` tables with their positions; an instance with a problem is
+/// reported and left out.
+fn connector_instances(
+    file: &str,
+    text: &str,
+    dir: &Path,
+    raw: RawInstances,
+    problems: &mut Vec<Diagnostic>,
+) -> Vec<ConnectorInstanceConfig> {
+    let pos = |offset: usize| crate::diag::line_col(text, offset);
+    let mut out = Vec::new();
+    for (name, table) in raw {
+        let at = pos(table.span().start);
+        let n = name.get_ref().clone();
+        let before = problems.len();
+        if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            problems.push(Diagnostic::at_offset(
+                file,
+                text,
+                name.span().start,
+                format!("connector name {n:?} must be ASCII letters, digits, '_' or '-' (it becomes part of customer ids)"),
+            ));
+        }
+        let mut kind = None;
+        let mut settings = BTreeMap::new();
+        for (k, v) in table.into_inner() {
+            let (line, column) = pos(k.span().start);
+            if k.get_ref() == "type" {
+                match v.get_ref() {
+                    toml::Value::String(s) => kind = Some((s.clone(), pos(v.span().start))),
+                    _ => problems.push(Diagnostic::new(
+                        file,
+                        line,
+                        column,
+                        "`type` must be a string naming a definition in connectors/",
+                    )),
+                }
+                continue;
+            }
+            settings.insert(
+                k.into_inner(),
+                Setting {
+                    value: v.into_inner(),
+                    line,
+                    column,
+                },
+            );
+        }
+        let Some((kind, kind_at)) = kind else {
+            if problems.len() == before {
+                problems.push(Diagnostic::new(
+                    file,
+                    at.0,
+                    at.1,
+                    format!("connector {n:?} has no `type` (a definition in connectors/, e.g. type = \"hubspot\")"),
+                ));
+            }
+            continue;
+        };
+        let inst = ConnectorInstanceConfig {
+            name: n,
+            kind,
+            kind_at,
+            at,
+            settings,
+        };
+        problems.extend(crate::connectors::validate_instances(file, dir, std::slice::from_ref(&inst)));
+        if problems.len() == before {
+            out.push(inst);
+        }
+    }
+    out
 }
 
 /// Replaces every `${NAME}` in `value` with that environment variable. A missing

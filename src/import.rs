@@ -143,10 +143,14 @@ fn csv_value(cell: &str) -> Option<Value> {
     if s.is_empty() {
         return None;
     }
+    // "0612345678" (a phone number, a zip code) stays text; "0.5" is a number.
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    let leading_zero = digits.len() > 1 && digits.starts_with('0') && !digits.starts_with("0.");
+    if leading_zero {
+        return Some(Value::String(s.to_string()));
+    }
     if let Ok(i) = s.parse::<i64>() {
-        if !(s.len() > 1 && s.starts_with('0')) {
-            return Some(Value::from(i));
-        }
+        return Some(Value::from(i));
     }
     if let Ok(f) = s.parse::<f64>() {
         if f.is_finite() && s.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E')) {
@@ -163,44 +167,86 @@ fn csv_value(cell: &str) -> Option<Value> {
 type Parsed = Vec<(u64, Result<Customer, String>)>;
 
 /// Imports customers from `input`. `progress` receives the bytes read so far.
+///
+/// The calling thread reads and hands chunks of lines to all cores for parsing;
+/// writer threads (one per core) merge them into the store, each owning the customers
+/// of its own lock stripes, so a customer's lines are merged in input order.
 pub fn import(
     store: &dyn Store,
     input: impl BufRead,
     format: Format,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ImportReport, ImportError> {
-    let (tx, rx) = crossbeam_channel::bounded::<Parsed>(2);
+    let writers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..writers).map(|_| crossbeam_channel::bounded::<Parsed>(2)).unzip();
     std::thread::scope(|scope| {
-        let writer = scope.spawn(move || -> Result<ImportReport, ImportError> {
-            let mut report = ImportReport::default();
-            for chunk in rx {
-                let mut batch = Vec::with_capacity(chunk.len());
-                for (line, r) in chunk {
-                    match r {
-                        Ok(c) => batch.push(c),
-                        Err(e) => report.error(line, e),
+        let handles: Vec<_> = rxs
+            .into_iter()
+            .map(|rx| {
+                scope.spawn(move || -> Result<ImportReport, ImportError> {
+                    let mut report = ImportReport::default();
+                    for chunk in rx {
+                        let mut batch = Vec::with_capacity(chunk.len());
+                        for (line, r) in chunk {
+                            match r {
+                                Ok(c) => batch.push(c),
+                                Err(e) => report.error(line, e),
+                            }
+                        }
+                        report.customers += batch.len() as u64;
+                        if !batch.is_empty() {
+                            report.stats.add(store.merge_bulk(batch)?);
+                        }
                     }
-                }
-                report.customers += batch.len() as u64;
-                report.stats.add(store.merge_customers(batch)?);
+                    Ok(report)
+                })
+            })
+            .collect();
+        let fan_out = |parsed: Parsed| -> bool {
+            let mut parts: Vec<Parsed> = (0..writers).map(|_| Vec::with_capacity(parsed.len() / writers + 1)).collect();
+            for (line, r) in parsed {
+                let w = match &r {
+                    Ok(c) => crate::store::stripe_of(&c.id) % writers,
+                    Err(_) => 0,
+                };
+                parts[w].push((line, r));
             }
-            store.flush()?;
-            Ok(report)
-        });
-        let read = match format {
-            Format::Jsonl => read_jsonl(input, &tx, progress),
-            Format::Csv => read_csv(input, &tx, progress),
+            parts.into_iter().zip(&txs).all(|(p, tx)| p.is_empty() || tx.send(p).is_ok())
         };
-        drop(tx);
-        let report = writer.join().expect("the import writer panicked");
+        let read = match format {
+            Format::Jsonl => read_jsonl(input, &fan_out, progress),
+            Format::Csv => read_csv(input, &fan_out, progress),
+        };
+        drop(txs);
+        let mut report = ImportReport::default();
+        let mut failure = None;
+        for h in handles {
+            match h.join().expect("an import writer panicked") {
+                Ok(r) => {
+                    report.customers += r.customers;
+                    report.stats.add(r.stats);
+                    report.errors += r.errors;
+                    report.error_samples.extend(r.error_samples);
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
         read?;
-        report
+        report.error_samples.sort_by_key(|e| e.line);
+        report.error_samples.truncate(MAX_ERROR_SAMPLES);
+        store.flush()?;
+        Ok(report)
     })
 }
 
 fn read_jsonl(
     mut input: impl BufRead,
-    tx: &crossbeam_channel::Sender<Parsed>,
+    send: &dyn Fn(Parsed) -> bool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(), ImportError> {
     let mut line_no = 0u64;
@@ -232,8 +278,8 @@ fn read_jsonl(
                 (n, r)
             })
             .collect();
-        if tx.send(parsed).is_err() {
-            return Ok(()); // the writer failed; its error is reported
+        if !send(parsed) {
+            return Ok(()); // a writer failed; its error is reported
         }
         progress(bytes);
     }
@@ -241,7 +287,7 @@ fn read_jsonl(
 
 fn read_csv(
     input: impl BufRead,
-    tx: &crossbeam_channel::Sender<Parsed>,
+    send: &dyn Fn(Parsed) -> bool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(), ImportError> {
     let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(input);
@@ -281,14 +327,14 @@ fn read_csv(
         };
         chunk.push((line, r));
         if chunk.len() == CHUNK_LINES {
-            if tx.send(std::mem::take(&mut chunk)).is_err() {
+            if !send(std::mem::take(&mut chunk)) {
                 return Ok(());
             }
             progress(rdr.position().byte());
         }
     }
     if !chunk.is_empty() {
-        let _ = tx.send(chunk);
+        send(chunk);
     }
     progress(rdr.position().byte());
     Ok(())

@@ -9,8 +9,11 @@
 
 pub mod clock;
 pub mod config;
+pub mod connectors;
 pub mod diag;
 pub mod explain;
+#[cfg(feature = "fakes")]
+pub mod fakes;
 pub mod import;
 pub mod model;
 pub mod nurture;

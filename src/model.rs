@@ -75,12 +75,27 @@ impl Customer {
 
     /// Removes identical events from a freshly built customer and orders events by time.
     pub fn normalize(&mut self) {
-        let mut seen = HashSet::new();
-        self.events.retain(|e| seen.insert(e.identity()));
         self.sort_events();
+        // Identical events have the same time, so after sorting they are in one run of
+        // equal times (usually of length one): compare within the run only.
+        let mut out: Vec<Event> = Vec::with_capacity(self.events.len());
+        let mut run_start = 0;
+        for e in self.events.drain(..) {
+            if out.last().is_none_or(|l| l.at != e.at) {
+                run_start = out.len();
+            }
+            if out[run_start..].iter().any(|x| x.kind == e.kind && x.data == e.data) {
+                continue;
+            }
+            out.push(e);
+        }
+        self.events = out;
     }
 
     fn sort_events(&mut self) {
+        if self.events.is_sorted_by(|a, b| a.at.len() == b.at.len() && a.at <= b.at) {
+            return;
+        }
         // Stored times are all UTC in one format, except for sub-second precision, so
         // a parsed comparison is only needed when the strings differ in length.
         self.events.sort_by(|a, b| {

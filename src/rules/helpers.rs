@@ -125,17 +125,22 @@ pub fn register(engine: &mut Engine) {
         },
     );
     engine.register_fn("last_event", |customer: &mut Map, kind: &str| -> Dynamic {
-        let mut best: Option<(INT, Map)> = None;
-        for_each_event(customer, |e| {
-            if kind_is(e, kind) {
-                let at = at_of(e).unwrap_or(INT::MIN);
-                // Events are stored in time order; ">=" keeps the last of equal times.
-                if best.as_ref().is_none_or(|(b, _)| at >= *b) {
-                    best = Some((at, e.clone()));
+        let Some(events) = customer.get("events") else { return Dynamic::UNIT };
+        let Some(arr) = events.read_lock::<Array>() else { return Dynamic::UNIT };
+        // Remember the best index; clone only the winner.
+        let mut best: Option<(INT, usize)> = None;
+        for (i, e) in arr.iter().enumerate() {
+            if let Some(m) = e.read_lock::<Map>() {
+                if kind_is(&m, kind) {
+                    let at = at_of(&m).unwrap_or(INT::MIN);
+                    // Events are stored in time order; ">=" keeps the last of equal times.
+                    if best.is_none_or(|(b, _)| at >= b) {
+                        best = Some((at, i));
+                    }
                 }
             }
-        });
-        best.map_or(Dynamic::UNIT, |(_, m)| m.into())
+        }
+        best.map_or(Dynamic::UNIT, |(_, i)| arr[i].clone())
     });
     engine.register_fn("has_tag", |customer: &mut Map, tag: &str| has_tag(customer, tag));
 }

@@ -5,8 +5,11 @@
 //! AST); `eval` is disabled; operations, call depth, sizes and wall-clock time are
 //! bounded. A rule returns a [`Decision`] and never acts.
 
+mod decode;
 mod helpers;
 mod sandbox;
+
+pub use helpers::register as register_helpers;
 pub mod trace;
 
 use crate::config::{Config, JourneyConfig, RuleSettings};
@@ -117,15 +120,48 @@ pub fn build_engine(settings: &RuleSettings, rules_dir: &Path, debug_trace: bool
 fn compile_file(engine: &Engine, path: &Path, display: &str) -> Result<AST, Diagnostic> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Diagnostic::new(display, 1, 1, format!("cannot read rule file: {e}")))?;
-    let mut ast = engine
-        .compile_into_self_contained(&Scope::new(), &text)
-        .map_err(|e| diagnostic_of(&e, display))?;
+    let mut ast = engine.compile_into_self_contained(&Scope::new(), &text).map_err(|e| {
+        let mut d = diagnostic_of(&e, display);
+        if d.file == display && d.line == 1 && d.column == 1 {
+            // Imports are resolved without a position; point at the failing import.
+            if let Some(pos) = import_position(engine, &text, &e) {
+                d.line = pos.line().unwrap_or(1);
+                d.column = pos.position().unwrap_or(1);
+            }
+        }
+        d
+    })?;
     ast.set_source(display);
     let has_phase = ast.iter_functions().any(|f| f.name == "phase" && f.params.len() == 1);
     if !has_phase {
         return Err(Diagnostic::new(display, 1, 1, "the rule file defines no `fn phase(customer)`"));
     }
     Ok(ast)
+}
+
+/// The position of the `import` statement a module error is about.
+fn import_position(engine: &Engine, text: &str, e: &EvalAltResult) -> Option<Position> {
+    let path = match e {
+        EvalAltResult::ErrorInModule(path, ..) => path.trim_start_matches("rules/").trim_end_matches(".rhai").to_string(),
+        EvalAltResult::ErrorModuleNotFound(msg, ..) => msg.split('"').nth(1)?.to_string(),
+        _ => return None,
+    };
+    let ast = engine.compile(text).ok()?;
+    let mut found = None;
+    let mut first = None;
+    ast.walk(&mut |nodes: &[rhai::ASTNode]| {
+        if let Some(rhai::ASTNode::Stmt(rhai::Stmt::Import(x, pos))) = nodes.last() {
+            first.get_or_insert(*pos);
+            if let rhai::Expr::StringConstant(s, ..) = &x.0 {
+                if s.trim_end_matches(".rhai") == path {
+                    found = Some(*pos);
+                    return false;
+                }
+            }
+        }
+        true
+    });
+    found.or(first)
 }
 
 /// A diagnostic for a compile error, pointing into the file (or module) that has it.
@@ -187,7 +223,9 @@ fn rules_version(rule_path: &Path, rules_dir: &Path) -> String {
     let mut libs: Vec<_> = walk_rhai(&rules_dir.join("lib"));
     libs.sort();
     for p in libs {
-        h.update(p.to_string_lossy().as_bytes());
+        // The path relative to the rules folder: the same rules elsewhere are the same version.
+        let rel = p.strip_prefix(rules_dir).unwrap_or(&p);
+        h.update(rel.to_string_lossy().as_bytes());
         h.update(std::fs::read(&p).unwrap_or_default());
     }
     let digest = h.finalize();
@@ -224,8 +262,13 @@ impl RuleSet {
         let engine = build_engine(&config.rules, &config.rules_dir, debug_trace);
         let mut journeys = Vec::new();
         let mut problems = Vec::new();
+        let budget = Duration::from_millis(config.rules.timeout_ms.max(1));
         for j in &config.journeys {
-            match Self::compile_journey(&engine, j, &config.rules_dir) {
+            // Helper modules run their top-level code while compiling: bound it too.
+            DEADLINE.with(|d| d.set(Some(Instant::now() + budget)));
+            let compiled = Self::compile_journey(&engine, j, &config.rules_dir);
+            DEADLINE.with(|d| d.set(None));
+            match compiled {
                 Ok(c) => journeys.push(c),
                 Err(d) => problems.push(d),
             }
@@ -262,11 +305,8 @@ impl RuleSet {
 
     /// Turns a stored record into the map a rule sees (without `phase`/`phase_since`).
     pub fn customer_map(record: &[u8]) -> Result<Map, RuleError> {
-        let d: Dynamic = rmp_serde::from_slice(record).map_err(|e| RuleError {
-            message: format!("corrupt customer record: {e}"),
-        })?;
-        d.try_cast::<Map>().ok_or_else(|| RuleError {
-            message: "corrupt customer record: not a map".into(),
+        decode::customer_map(record).map_err(|e| RuleError {
+            message: format!("corrupt customer record: {}", e.0),
         })
     }
 

@@ -28,18 +28,27 @@ pub fn install(engine: &mut Engine) {
             if matches!(event, DebuggerEvent::End) {
                 return Ok(DebuggerCommand::Continue);
             }
-            if let ASTNode::Stmt(stmt) = node {
-                if !matches!(stmt, rhai::Stmt::Block(..) | rhai::Stmt::Noop(..)) {
-                    if let Some(line) = pos.line() {
-                        STEPS.with(|s| {
-                            if let Some(steps) = s.borrow_mut().as_mut() {
-                                if steps.len() < MAX_STEPS {
-                                    let source = source.unwrap_or("").to_string();
-                                    steps.push(Step { source, line });
-                                }
+            // Statements, and expressions too: Rhai reports an expression used as a
+            // statement (an implicit result such as `"kijk"` in a branch, or a final
+            // `return` the optimizer turned into a value) only as an expression.
+            let relevant = match node {
+                ASTNode::Stmt(stmt) => !matches!(stmt, rhai::Stmt::Block(..) | rhai::Stmt::Noop(..)),
+                _ => true,
+            };
+            if relevant {
+                if let Some(line) = pos.line() {
+                    STEPS.with(|s| {
+                        if let Some(steps) = s.borrow_mut().as_mut() {
+                            let source = source.unwrap_or("");
+                            // Consecutive steps on one line are one line of the trace.
+                            if steps.last().is_some_and(|l: &Step| l.line == line && l.source == source) {
+                                return;
                             }
-                        });
-                    }
+                            if steps.len() < MAX_STEPS {
+                                steps.push(Step { source: source.to_string(), line });
+                            }
+                        }
+                    });
                 }
             }
             Ok(DebuggerCommand::StepInto)

@@ -73,6 +73,13 @@ pub trait Store: Send + Sync {
         self.merge_page(batch, None)
     }
 
+    /// Like [`Store::merge_customers`], for bulk imports: the email identity index is
+    /// not updated record by record but marked stale, and rebuilt in one pass the next
+    /// time it is used (as a database builds an index after a bulk load).
+    fn merge_bulk(&self, batch: Vec<Customer>) -> Result<MergeStats, StoreError> {
+        self.merge_customers(batch)
+    }
+
     /// Like [`Store::merge_customers`], and in the same atomic step sets the named
     /// cursor (a connector's sync position), so a sync killed half way resumes from
     /// the last page whose records are stored.
@@ -82,7 +89,7 @@ pub trait Store: Send + Sync {
     fn cursor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// The id of the customer whose `email` attribute is this address (compared
-    /// trimmed and lower-cased).
+    /// trimmed and lower-cased). Rebuilds the index first if a bulk import left it stale.
     fn id_for_email(&self, email: &str) -> Result<Option<String>, StoreError>;
 
     /// One customer's record.
@@ -111,6 +118,21 @@ pub trait Store: Send + Sync {
 
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// Lock stripes for read-modify-write merges of customer records.
+pub const STRIPES: usize = 64;
+
+/// The stripe of a customer id (FNV-1a, stable across runs and platforms). A backend
+/// serialises merges per stripe, so writers that split their work by
+/// `stripe_of(id) % writers` never wait for each other.
+pub fn stripe_of(id: &str) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % STRIPES as u64) as usize
 }
 
 /// The form emails are compared in: trimmed and lower-cased.

@@ -3,11 +3,17 @@
 //! Trees:
 //! - `customers`: customer id → [`Customer::encode`] record. Keys starting with NUL
 //!   (ids never contain control characters) hold bookkeeping in the same tree, so one
-//!   batch updates it atomically with the records: `\0count` (number of customers),
+//!   batch updates it atomically with the records: `\0count/{stripe}` (number of
+//!   customers per lock stripe; the count is their sum),
 //!   `\0email/{email}` → id (the identity index), `\0cursor/{name}` (sync cursors).
 //! - `phases`: `s/{id}` → the customer's [`PhaseStates`]; `h/{id}\0{seq:be64}` → one
 //!   [`Transition`]. States and their history share a tree so that one batch
-//!   records both atomically.
+//!   records both atomically. History keys are `h/{id}\0{at:be64}{seq:be64}`: time
+//!   order first, so the order survives compaction.
+//!
+//! Merges are read-modify-write, serialised per customer by a striped lock; a batch
+//! locks the stripes it touches in ascending order, so writers that partition their
+//! work by [`SledStore::stripe_of`] run in parallel.
 //!
 //! sled acknowledges writes before they are on disk; callers that acknowledge
 //! anything to the outside call [`Store::flush`] first.
@@ -17,13 +23,21 @@ use crate::model::{decode_states, encode_states, Customer, PhaseStates, Transiti
 use std::collections::HashMap;
 use std::path::Path;
 
-const COUNT_KEY: &[u8] = b"\0count";
+use super::STRIPES;
+
+fn count_key(stripe: usize) -> Vec<u8> {
+    format!("\0count/{stripe:02}").into_bytes()
+}
 
 fn email_key(email: &str) -> Vec<u8> {
-    let mut k = b"\0email/".to_vec();
+    let mut k = EMAIL_PREFIX.to_vec();
     k.extend_from_slice(normalize_email(email).as_bytes());
     k
 }
+
+/// Present while the email index misses records merged by [`Store::merge_bulk`].
+const INDEX_STALE_KEY: &[u8] = b"\0email-index-stale";
+const EMAIL_PREFIX: &[u8] = b"\0email/";
 
 fn cursor_key(name: &str) -> Vec<u8> {
     let mut k = b"\0cursor/".to_vec();
@@ -45,8 +59,12 @@ pub struct SledStore {
     db: sled::Db,
     customers: sled::Tree,
     phases: sled::Tree,
-    /// Serialises read-modify-write merges of customer records.
-    merge_lock: parking_lot::Mutex<()>,
+    /// Serialise read-modify-write merges of one customer (striped by id hash).
+    stripes: Vec<parking_lot::Mutex<()>>,
+}
+
+fn new_stripes() -> Vec<parking_lot::Mutex<()>> {
+    (0..STRIPES).map(|_| parking_lot::Mutex::new(())).collect()
 }
 
 fn backend(e: sled::Error) -> StoreError {
@@ -71,6 +89,7 @@ fn history_prefix(id: &str) -> Vec<u8> {
 impl SledStore {
     /// Opens (or creates) the store at `path` with a page cache of `cache_mb` MiB.
     pub fn open(path: &Path, cache_mb: u64) -> Result<Self, StoreError> {
+        recover_interrupted_compaction(path)?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_mb.max(8) * 1024 * 1024)
@@ -88,7 +107,7 @@ impl SledStore {
             db,
             customers,
             phases,
-            merge_lock: parking_lot::Mutex::new(()),
+            stripes: new_stripes(),
         })
     }
 
@@ -101,22 +120,20 @@ impl SledStore {
             db,
             customers,
             phases,
-            merge_lock: parking_lot::Mutex::new(()),
+            stripes: new_stripes(),
         })
     }
 
-    fn count(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .customers
-            .get(COUNT_KEY)
-            .map_err(backend)?
-            .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
-    }
-}
-
-impl Store for SledStore {
-    fn merge_page(&self, batch: Vec<Customer>, cursor: Option<(&str, &[u8])>) -> Result<MergeStats, StoreError> {
-        let _guard = self.merge_lock.lock();
+    /// Merges a batch under its stripes' locks. With `index` the email index is kept
+    /// current; without (bulk imports) it is marked stale and rebuilt on next use.
+    fn merge(&self, batch: Vec<Customer>, cursor: Option<(&str, &[u8])>, index: bool) -> Result<MergeStats, StoreError> {
+        let mut touched = [false; STRIPES];
+        for c in &batch {
+            touched[Self::stripe_of(&c.id)] = true;
+        }
+        // Ascending order: two batches never wait for each other in a cycle.
+        let _guards: Vec<_> = (0..STRIPES).filter(|s| touched[*s]).map(|s| self.stripes[s].lock()).collect();
+        let mut created = [0u64; STRIPES];
         let mut stats = MergeStats::default();
         // Customers touched by this batch, in first-seen order, with whether they
         // existed and changed, and the email they were indexed under before.
@@ -148,7 +165,10 @@ impl Store for SledStore {
         for id in order {
             let (c, existed, changed) = &pending[&id];
             match (existed, changed) {
-                (false, _) => stats.created += 1,
+                (false, _) => {
+                    stats.created += 1;
+                    created[Self::stripe_of(&id)] += 1;
+                }
                 (true, true) => stats.updated += 1,
                 (true, false) => {
                     stats.unchanged += 1;
@@ -156,6 +176,9 @@ impl Store for SledStore {
                 }
             }
             batch.insert(c.id.as_bytes(), c.encode());
+            if !index {
+                continue;
+            }
             let new_email = email_of(c);
             let old_email = old_emails.get(&id).cloned().flatten();
             if new_email != old_email {
@@ -167,15 +190,146 @@ impl Store for SledStore {
                 batch.insert(email_key(&e), c.id.as_bytes());
             }
         }
+        if !index && (stats.created > 0 || stats.updated > 0) {
+            batch.insert(INDEX_STALE_KEY, &[1u8]);
+        }
         if let Some((name, value)) = cursor {
             batch.insert(cursor_key(name), value);
         }
-        if stats.created > 0 {
-            let count = self.count()? + stats.created;
-            batch.insert(COUNT_KEY, &count.to_be_bytes());
+        for (stripe, n) in created.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let count = self.stripe_count(stripe)? + n;
+            batch.insert(count_key(stripe), &count.to_be_bytes());
         }
         self.customers.apply_batch(batch).map_err(backend)?;
         Ok(stats)
+    }
+
+    /// Rebuilds the email index from the records, under every stripe lock.
+    pub fn rebuild_email_index(&self) -> Result<u64, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct EmailOnly {
+            email: Option<serde_json::Value>,
+        }
+        let _guards: Vec<_> = self.stripes.iter().map(|s| s.lock()).collect();
+        if !self.customers.contains_key(INDEX_STALE_KEY).map_err(backend)? {
+            return Ok(0);
+        }
+        let started = std::time::Instant::now();
+        let mut batch = sled::Batch::default();
+        for kv in self.customers.scan_prefix(EMAIL_PREFIX) {
+            batch.remove(kv.map_err(backend)?.0);
+        }
+        self.customers.apply_batch(batch).map_err(backend)?;
+        let mut batch = sled::Batch::default();
+        let (mut pending, mut indexed) = (0, 0u64);
+        for kv in self.customers.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            if k.first() == Some(&0) {
+                continue;
+            }
+            let rec: EmailOnly = rmp_serde::from_slice(&v)
+                .map_err(|e| StoreError::Codec(crate::model::CodecError::Decode(e.to_string())))?;
+            if let Some(serde_json::Value::String(e)) = rec.email {
+                if !e.trim().is_empty() {
+                    batch.insert(email_key(&e), k);
+                    pending += 1;
+                    indexed += 1;
+                }
+            }
+            if pending == 10_000 {
+                self.customers.apply_batch(std::mem::take(&mut batch)).map_err(backend)?;
+                pending = 0;
+            }
+        }
+        batch.remove(INDEX_STALE_KEY);
+        self.customers.apply_batch(batch).map_err(backend)?;
+        tracing::info!(
+            indexed,
+            secs = started.elapsed().as_secs_f64(),
+            "rebuilt the email identity index after a bulk import"
+        );
+        Ok(indexed)
+    }
+
+    fn stripe_count(&self, stripe: usize) -> Result<u64, StoreError> {
+        Ok(self
+            .customers
+            .get(count_key(stripe))
+            .map_err(backend)?
+            .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+    }
+
+    fn stripe_of(id: &str) -> usize {
+        super::stripe_of(id)
+    }
+
+    /// Rewrites the store at `path` into a fresh directory and swaps it in, so that
+    /// bytes of erased records (sled's log keeps them until segments are reused) are
+    /// gone from disk. The store must not be open. Returns the size before and after.
+    pub fn compact(path: &Path, cache_mb: u64) -> Result<(u64, u64), StoreError> {
+        let before = dir_size(path);
+        let tmp = sibling(path, "compacting");
+        let old = sibling(path, "old");
+        let _ = std::fs::remove_dir_all(&tmp);
+        {
+            let src = Self::open(path, cache_mb)?;
+            let dst = sled::Config::new().path(&tmp).open().map_err(backend)?;
+            dst.import(src.db.export());
+            dst.flush().map_err(backend)?;
+        }
+        std::fs::rename(path, &old).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        std::fs::remove_dir_all(&old).map_err(io)?;
+        Ok((before, dir_size(path)))
+    }
+}
+
+fn io(e: std::io::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{suffix}"));
+    path.with_file_name(name)
+}
+
+/// A compaction stopped between its two renames leaves the store under `.old`: put
+/// it back. A half-written `.compacting` copy is dropped.
+fn recover_interrupted_compaction(path: &Path) -> Result<(), StoreError> {
+    let old = sibling(path, "old");
+    if !path.exists() && old.exists() {
+        std::fs::rename(&old, path).map_err(io)?;
+    } else if path.exists() && old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io)?;
+    }
+    let tmp = sibling(path, "compacting");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn dir_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+impl Store for SledStore {
+    fn merge_page(&self, batch: Vec<Customer>, cursor: Option<(&str, &[u8])>) -> Result<MergeStats, StoreError> {
+        self.merge(batch, cursor, true)
+    }
+
+    fn merge_bulk(&self, batch: Vec<Customer>) -> Result<MergeStats, StoreError> {
+        self.merge(batch, None, false)
     }
 
     fn cursor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -183,6 +337,9 @@ impl Store for SledStore {
     }
 
     fn id_for_email(&self, email: &str) -> Result<Option<String>, StoreError> {
+        if self.customers.contains_key(INDEX_STALE_KEY).map_err(backend)? {
+            self.rebuild_email_index()?;
+        }
         Ok(self
             .customers
             .get(email_key(email))
@@ -201,7 +358,7 @@ impl Store for SledStore {
     }
 
     fn customer_count(&self) -> Result<u64, StoreError> {
-        self.count()
+        (0..STRIPES).map(|s| self.stripe_count(s)).sum()
     }
 
     fn phase_states(&self, id: &str) -> Result<PhaseStates, StoreError> {
@@ -277,7 +434,9 @@ impl Store for SledStore {
             }
             for t in &u.transitions {
                 let seq = self.db.generate_id().map_err(backend)?;
+                let at = crate::time::unix_seconds(&t.at).unwrap_or(0);
                 let mut key = history_prefix(&u.id);
+                key.extend_from_slice(&at.to_be_bytes());
                 key.extend_from_slice(&seq.to_be_bytes());
                 batch.insert(key, t.encode());
             }
@@ -301,7 +460,8 @@ impl Store for SledStore {
         if validate_id(id).is_err() {
             return Ok(false);
         }
-        let _guard = self.merge_lock.lock();
+        let stripe = Self::stripe_of(id);
+        let _guard = self.stripes[stripe].lock();
         let existing = self.customers.get(id.as_bytes()).map_err(backend)?;
         let existed = existing.is_some();
         let email = match existing {
@@ -322,12 +482,15 @@ impl Store for SledStore {
             let mut customers = sled::Batch::default();
             customers.remove(id.as_bytes());
             if let Some(e) = email {
-                if self.id_for_email(&e)?.as_deref() == Some(id) {
+                // Read the index directly: a stale index is rebuilt from records on
+                // next use, and this record is gone by then.
+                let indexed = self.customers.get(email_key(&e)).map_err(backend)?;
+                if indexed.as_deref() == Some(id.as_bytes()) {
                     customers.remove(email_key(&e));
                 }
             }
-            let count = self.count()?.saturating_sub(1);
-            customers.insert(COUNT_KEY, &count.to_be_bytes());
+            let count = self.stripe_count(stripe)?.saturating_sub(1);
+            customers.insert(count_key(stripe), &count.to_be_bytes());
             self.customers.apply_batch(customers).map_err(backend)?;
         }
         self.flush()?;
