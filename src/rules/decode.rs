@@ -116,23 +116,23 @@ impl<'a> Reader<'a> {
                 let n = self.len(4)?;
                 self.string(n)?
             }
-            Marker::FixArray(n) => self.array(n as usize)?.into(),
+            Marker::FixArray(n) => Dynamic::from_array(self.array(n as usize)?),
             Marker::Array16 => {
                 let n = self.len(2)?;
-                self.array(n)?.into()
+                Dynamic::from_array(self.array(n)?)
             }
             Marker::Array32 => {
                 let n = self.len(4)?;
-                self.array(n)?.into()
+                Dynamic::from_array(self.array(n)?)
             }
-            Marker::FixMap(n) => self.map(n as usize)?.into(),
+            Marker::FixMap(n) => Dynamic::from_map(self.map(n as usize)?),
             Marker::Map16 => {
                 let n = self.len(2)?;
-                self.map(n)?.into()
+                Dynamic::from_map(self.map(n)?)
             }
             Marker::Map32 => {
                 let n = self.len(4)?;
-                self.map(n)?.into()
+                Dynamic::from_map(self.map(n)?)
             }
             other => return err(format!("unexpected MessagePack marker {other:?}")),
         })
@@ -169,7 +169,10 @@ mod tests {
         let bytes = Customer::encode(&c);
         let ours = customer_map(&bytes).unwrap();
         let theirs: Dynamic = rmp_serde::from_slice(&bytes).unwrap();
-        assert_eq!(format!("{:?}", Dynamic::from_map(ours)), format!("{theirs:?}"));
+        assert_eq!(
+            format!("{:?}", Dynamic::from_map(ours)),
+            format!("{theirs:?}")
+        );
         assert!(customer_map(&bytes[..bytes.len() - 3]).is_err());
     }
 }

@@ -18,7 +18,9 @@
 //! sled acknowledges writes before they are on disk; callers that acknowledge
 //! anything to the outside call [`Store::flush`] first.
 
-use super::{normalize_email, validate_id, Funnel, MergeStats, PhaseUpdate, ScanItem, Store, StoreError};
+use super::{
+    normalize_email, validate_id, Funnel, MergeStats, PhaseUpdate, ScanItem, Store, StoreError,
+};
 use crate::model::{decode_states, encode_states, Customer, PhaseStates, Transition};
 use std::collections::HashMap;
 use std::path::Path;
@@ -56,11 +58,13 @@ fn email_of(c: &Customer) -> Option<String> {
 
 /// A store in a sled directory.
 pub struct SledStore {
-    db: sled::Db,
-    customers: sled::Tree,
-    phases: sled::Tree,
+    // Crate-visible so that store extensions in sibling files (outbox, webhook
+    // deliveries) can open their own trees and batch with these.
+    pub(crate) db: sled::Db,
+    pub(crate) customers: sled::Tree,
+    pub(crate) phases: sled::Tree,
     /// Serialise read-modify-write merges of one customer (striped by id hash).
-    stripes: Vec<parking_lot::Mutex<()>>,
+    pub(crate) stripes: Vec<parking_lot::Mutex<()>>,
 }
 
 fn new_stripes() -> Vec<parking_lot::Mutex<()>> {
@@ -96,9 +100,11 @@ impl SledStore {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => StoreError::Locked {
-                    path: path.display().to_string(),
-                },
+                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked {
+                        path: path.display().to_string(),
+                    }
+                }
                 e => backend(e),
             })?;
         let customers = db.open_tree("customers").map_err(backend)?;
@@ -113,7 +119,10 @@ impl SledStore {
 
     /// A store in a fresh temporary directory that is removed when dropped (tests).
     pub fn temporary() -> Result<Self, StoreError> {
-        let db = sled::Config::new().temporary(true).open().map_err(backend)?;
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .map_err(backend)?;
         let customers = db.open_tree("customers").map_err(backend)?;
         let phases = db.open_tree("phases").map_err(backend)?;
         Ok(Self {
@@ -126,19 +135,28 @@ impl SledStore {
 
     /// Merges a batch under its stripes' locks. With `index` the email index is kept
     /// current; without (bulk imports) it is marked stale and rebuilt on next use.
-    fn merge(&self, batch: Vec<Customer>, cursor: Option<(&str, &[u8])>, index: bool) -> Result<MergeStats, StoreError> {
+    fn merge(
+        &self,
+        batch: Vec<Customer>,
+        cursor: Option<(&str, &[u8])>,
+        index: bool,
+    ) -> Result<MergeStats, StoreError> {
         let mut touched = [false; STRIPES];
         for c in &batch {
             touched[Self::stripe_of(&c.id)] = true;
         }
         // Ascending order: two batches never wait for each other in a cycle.
-        let _guards: Vec<_> = (0..STRIPES).filter(|s| touched[*s]).map(|s| self.stripes[s].lock()).collect();
+        let _guards: Vec<_> = (0..STRIPES)
+            .filter(|s| touched[*s])
+            .map(|s| self.stripes[s].lock())
+            .collect();
         let mut created = [0u64; STRIPES];
         let mut stats = MergeStats::default();
         // Customers touched by this batch, in first-seen order, with whether they
         // existed and changed, and the email they were indexed under before.
         let mut old_emails: HashMap<String, Option<String>> = HashMap::new();
-        let mut pending: HashMap<String, (Customer, bool, bool)> = HashMap::with_capacity(batch.len());
+        let mut pending: HashMap<String, (Customer, bool, bool)> =
+            HashMap::with_capacity(batch.len());
         let mut order: Vec<String> = Vec::with_capacity(batch.len());
         for mut c in batch {
             validate_id(&c.id)?;
@@ -211,7 +229,11 @@ impl SledStore {
             email: Option<serde_json::Value>,
         }
         let _guards: Vec<_> = self.stripes.iter().map(|s| s.lock()).collect();
-        if !self.customers.contains_key(INDEX_STALE_KEY).map_err(backend)? {
+        if !self
+            .customers
+            .contains_key(INDEX_STALE_KEY)
+            .map_err(backend)?
+        {
             return Ok(0);
         }
         let started = std::time::Instant::now();
@@ -237,7 +259,9 @@ impl SledStore {
                 }
             }
             if pending == 10_000 {
-                self.customers.apply_batch(std::mem::take(&mut batch)).map_err(backend)?;
+                self.customers
+                    .apply_batch(std::mem::take(&mut batch))
+                    .map_err(backend)?;
                 pending = 0;
             }
         }
@@ -256,7 +280,9 @@ impl SledStore {
             .customers
             .get(count_key(stripe))
             .map_err(backend)?
-            .map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))))
+            .map_or(0, |v| {
+                u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))
+            }))
     }
 
     fn stripe_of(id: &str) -> usize {
@@ -324,7 +350,11 @@ fn dir_size(p: &Path) -> u64 {
 }
 
 impl Store for SledStore {
-    fn merge_page(&self, batch: Vec<Customer>, cursor: Option<(&str, &[u8])>) -> Result<MergeStats, StoreError> {
+    fn merge_page(
+        &self,
+        batch: Vec<Customer>,
+        cursor: Option<(&str, &[u8])>,
+    ) -> Result<MergeStats, StoreError> {
         self.merge(batch, cursor, true)
     }
 
@@ -333,11 +363,19 @@ impl Store for SledStore {
     }
 
     fn cursor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.customers.get(cursor_key(name)).map_err(backend)?.map(|v| v.to_vec()))
+        Ok(self
+            .customers
+            .get(cursor_key(name))
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
     }
 
     fn id_for_email(&self, email: &str) -> Result<Option<String>, StoreError> {
-        if self.customers.contains_key(INDEX_STALE_KEY).map_err(backend)? {
+        if self
+            .customers
+            .contains_key(INDEX_STALE_KEY)
+            .map_err(backend)?
+        {
             self.rebuild_email_index()?;
         }
         Ok(self
@@ -378,7 +416,11 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn scan(&self, chunk: usize, visit: &mut dyn FnMut(Vec<ScanItem>) -> bool) -> Result<(), StoreError> {
+    fn scan(
+        &self,
+        chunk: usize,
+        visit: &mut dyn FnMut(Vec<ScanItem>) -> bool,
+    ) -> Result<(), StoreError> {
         let chunk = chunk.max(1);
         let mut states = self.phases.scan_prefix(b"s/").peekable();
         let mut buf = Vec::with_capacity(chunk);
@@ -414,7 +456,8 @@ impl Store for SledStore {
                 record: v.to_vec(),
                 states: state,
             });
-            if buf.len() == chunk && !visit(std::mem::replace(&mut buf, Vec::with_capacity(chunk))) {
+            if buf.len() == chunk && !visit(std::mem::replace(&mut buf, Vec::with_capacity(chunk)))
+            {
                 return Ok(());
             }
         }
@@ -450,7 +493,11 @@ impl Store for SledStore {
             let (_, v) = kv.map_err(backend)?;
             let states: PhaseStates = decode_states(&v)?;
             for (journey, s) in states {
-                *funnel.entry(journey).or_default().entry(s.phase).or_default() += 1;
+                *funnel
+                    .entry(journey)
+                    .or_default()
+                    .entry(s.phase)
+                    .or_default() += 1;
             }
         }
         Ok(funnel)
