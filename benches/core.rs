@@ -70,11 +70,17 @@ fn generate(path: &Path, n: usize) {
                 orders += 1;
                 let total = (rng.below(20_000) as f64) / 100.0;
                 spent += total;
-                format!(r#"{{"order_id":"{}","total":{total}}}"#, rng.below(1_000_000))
+                format!(
+                    r#"{{"order_id":"{}","total":{total}}}"#,
+                    rng.below(1_000_000)
+                )
             } else {
                 "{}".to_string()
             };
-            evs.push(format!(r#"{{"kind":"{kind}","at":"{}","data":{data}}}"#, iso(at)));
+            evs.push(format!(
+                r#"{{"kind":"{kind}","at":"{}","data":{data}}}"#,
+                iso(at)
+            ));
         }
         writeln!(
             out,
@@ -93,7 +99,11 @@ fn generate_update(path: &Path, n: usize) {
     let at = iso(klantreis::time::unix_seconds(NOW).unwrap() - 3600);
     let mut out = BufWriter::new(std::fs::File::create(path).unwrap());
     for i in (0..n).step_by(100) {
-        writeln!(out, r#"{{"id":"b{i:07}","events":[{{"kind":"cart_add","at":"{at}"}}]}}"#).unwrap();
+        writeln!(
+            out,
+            r#"{{"id":"b{i:07}","events":[{{"kind":"cart_add","at":"{at}"}}]}}"#
+        )
+        .unwrap();
     }
     out.flush().unwrap();
 }
@@ -136,11 +146,15 @@ fn klantreis(dir: &Path, args: &[&str]) -> (f64, String) {
 fn bare_loop(customers_file: &Path, rule: &Path) -> (f64, usize, [usize; 6]) {
     let mut engine = Engine::new();
     register_helpers(&mut engine);
-    let ast = engine.compile(std::fs::read_to_string(rule).unwrap()).unwrap();
+    let ast = engine
+        .compile(std::fs::read_to_string(rule).unwrap())
+        .unwrap();
     let f = std::io::BufReader::new(std::fs::File::open(customers_file).unwrap());
     let mut customers: Vec<Map> = Vec::new();
     for line in f.lines() {
-        let c = klantreis::import::customer_from_json(serde_json::from_str(&line.unwrap()).unwrap()).unwrap();
+        let c =
+            klantreis::import::customer_from_json(serde_json::from_str(&line.unwrap()).unwrap())
+                .unwrap();
         let mut m = RuleSet::customer_map_of(&c);
         RuleSet::set_phase(&mut m, None);
         customers.push(m);
@@ -183,17 +197,26 @@ fn main() {
          phases = [\"kijk\", \"kies\", \"koop\", \"krijg\", \"koester\"]\n",
     )
     .unwrap();
-    println!("klantreis core benchmark: {n} customers, 5K rules, {} cores", std::thread::available_parallelism().map_or(0, |p| p.get()));
+    println!(
+        "klantreis core benchmark: {n} customers, 5K rules, {} cores",
+        std::thread::available_parallelism().map_or(0, |p| p.get())
+    );
     let data = root.join("customers.jsonl");
     let update = root.join("update.jsonl");
     let t = Instant::now();
     generate(&data, n);
     generate_update(&update, n);
     let mib = std::fs::metadata(&data).unwrap().len() as f64 / (1 << 20) as f64;
-    println!("generated {mib:.0} MiB of JSON Lines in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "generated {mib:.0} MiB of JSON Lines in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     let (import_s, _) = klantreis(&root, &["import", data.to_str().unwrap()]);
-    println!("import:             {import_s:7.2} s  {:>9.0} customers/s  (target >= 100,000/s)", n as f64 / import_s);
+    println!(
+        "import:             {import_s:7.2} s  {:>9.0} customers/s  (target >= 100,000/s)",
+        n as f64 / import_s
+    );
     let (first_s, first) = klantreis(&root, &["nurture", "--now", NOW, "--json"]);
     println!(
         "first nurture:      {first_s:7.2} s  {:>9.0} customers/s  (target >= 100,000/s)  {}",
@@ -209,9 +232,14 @@ fn main() {
         steady.trim()
     );
     let (idle_s, _) = klantreis(&root, &["nurture", "--now", NOW, "--json"]);
-    println!("steady nurture 0%:  {idle_s:7.2} s  {:>9.0} customers/s", n as f64 / idle_s);
+    println!(
+        "steady nurture 0%:  {idle_s:7.2} s  {:>9.0} customers/s",
+        n as f64 / idle_s
+    );
     let peak = children_peak_mib();
-    println!("peak RSS of klantreis (largest of the runs above): {peak:.0} MiB  (target < 1024 MiB)");
+    println!(
+        "peak RSS of klantreis (largest of the runs above): {peak:.0} MiB  (target < 1024 MiB)"
+    );
 
     let (bare_s, bare_n, counts) = bare_loop(&data, &root.join("rules/5k.rhai"));
     println!(
@@ -219,11 +247,18 @@ fn main() {
         bare_n as f64 / bare_s,
         bare_s * 1e6 / bare_n as f64
     );
-    println!("bench process peak RSS (holds all customers for the bare loop): {:.0} MiB", self_peak_mib());
+    println!(
+        "bench process peak RSS (holds all customers for the bare loop): {:.0} MiB",
+        self_peak_mib()
+    );
     println!(
         "steady nurture vs bare loop: {:.2}x the bare loop's time ({})",
         steady_s / bare_s,
-        if steady_s <= bare_s { "target met" } else { "TARGET MISSED" }
+        if steady_s <= bare_s {
+            "target met"
+        } else {
+            "TARGET MISSED"
+        }
     );
     let store_mib = dir_size(&root.join("store")) as f64 / (1 << 20) as f64;
     println!("store size on disk: {store_mib:.0} MiB");

@@ -26,7 +26,8 @@ impl Sandbox {
     pub fn shipped() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         copy_dir(&repo().join("rules"), &dir.path().join("rules"));
-        std::fs::copy(repo().join("config.toml"), dir.path().join("config.toml")).expect("copy config");
+        std::fs::copy(repo().join("config.toml"), dir.path().join("config.toml"))
+            .expect("copy config");
         Self { dir }
     }
 
@@ -56,7 +57,10 @@ impl Sandbox {
     pub fn run_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
         use std::io::Write;
         let mut cmd = Command::new(bin());
-        cmd.arg("--config").arg(self.config()).args(args).current_dir(self.path());
+        cmd.arg("--config")
+            .arg(self.config())
+            .args(args)
+            .current_dir(self.path());
         cmd.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
