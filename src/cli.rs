@@ -9,7 +9,8 @@ use klantreis::config::Config;
 use klantreis::nurture::{NurtureOptions, NurtureSummary};
 use klantreis::rules::RuleSet;
 use klantreis::store::{SledStore, Store};
-use klantreis::{clock, connectors, explain, import, nurture, ruletest};
+use klantreis::actions::Actions;
+use klantreis::{clock, connectors, explain, import, nurture, outbox, ruletest};
 use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -20,10 +21,19 @@ use std::process::ExitCode;
 pub const DEMO_NOW: &str = "2026-11-20T12:00:00Z";
 
 #[derive(Debug, Parser)]
-#[command(name = "klantreis", version, about = "Customer-journey phases in Rhai rules, on an embedded store")]
+#[command(
+    name = "klantreis",
+    version,
+    about = "Customer-journey phases in Rhai rules, on an embedded store"
+)]
 pub struct Cli {
     /// The config file; relative paths in it resolve against its folder.
-    #[arg(long, global = true, default_value = "config.toml", env = "KLANTREIS_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "config.toml",
+        env = "KLANTREIS_CONFIG"
+    )]
     config: PathBuf,
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -87,6 +97,13 @@ enum Command {
         #[arg(long)]
         no_sync: bool,
     },
+    /// The action outbox: pending, scheduled, done and dead actions (`retry` puts dead ones back).
+    Outbox {
+        #[command(subcommand)]
+        cmd: Option<OutboxCmd>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Pull customers from the connector instances in config.toml (all, or one by name).
     Sync {
         /// The instance (`[connectors.NAME]`); default: every instance that pulls.
@@ -121,6 +138,17 @@ enum Command {
     },
     /// Rewrite the store so erased records leave no bytes on disk.
     Compact,
+    /// Run the service until SIGTERM: webhooks, the admin API, /healthz, /metrics,
+    /// the [schedule] jobs and hot reload of the rules.
+    Run {
+        /// Listen here (default: [server] listen, else 127.0.0.1:8080); port 0 picks a
+        /// free port. The bound address is printed on stdout.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Log JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
     /// Import the shipped demo customers, run a nurture and print the funnel.
     Demo {
         /// The demo data (JSON Lines or CSV).
@@ -132,26 +160,44 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum OutboxCmd {
+    /// Put a dead action (by id) or every dead action (--dead) back to pending.
+    Retry {
+        id: Option<String>,
+        #[arg(long)]
+        dead: bool,
+    },
+}
+
 /// Logs go to stderr; `RUST_LOG` wins over `-v`.
-pub fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
+/// The service logs at info by default, and as JSON lines with `run --log-json`.
+pub fn init_logging(cli: &Cli) {
+    let service = matches!(cli.command, Command::Run { .. });
+    let default = match (cli.verbose, service) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if matches!(cli.command, Command::Run { log_json: true, .. }) {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Check { json, online } => check(&cli.config, json, online),
         Command::Test { path, json } => test(&cli.config, path, json),
-        Command::Import { file, format, json } => import_cmd(&cli.config, &file, format.as_deref(), json),
+        Command::Import { file, format, json } => {
+            import_cmd(&cli.config, &file, format.as_deref(), json)
+        }
         Command::Eval { file, journey, now } => eval(&cli.config, &file, journey.as_deref(), now),
         Command::Nurture {
             now,
@@ -160,11 +206,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             threads,
             no_sync,
         } => nurture_cmd(&cli.config, now, dry_run, json, threads, no_sync),
+        Command::Outbox { cmd, json } => outbox_cmd(&cli.config, cmd, json),
         Command::Sync { name, full, json } => sync_cmd(&cli.config, name.as_deref(), full, json),
         Command::Explain { id, now, json } => explain_cmd(&cli.config, &id, now, json),
         Command::Funnel { json } => funnel(&cli.config, json),
         Command::Forget { id, no_compact } => forget(&cli.config, &id, !no_compact),
         Command::Compact => compact(&cli.config),
+        Command::Run { listen, .. } => {
+            klantreis::service::run(klantreis::service::RunOptions {
+                config_path: cli.config.clone(),
+                listen,
+                clock: clock::from_option(None),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { data, now } => demo(&cli.config, &data, now),
     }
 }
@@ -177,18 +232,33 @@ fn load_rules(config: &Config) -> Result<RuleSet> {
     RuleSet::load(config).map_err(|ds| {
         anyhow::anyhow!(
             "{}",
-            ds.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+            ds.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
         )
     })
 }
 
 fn open_store(config: &Config) -> Result<SledStore> {
-    Ok(SledStore::open(&config.store.path, config.store.cache_mb)?)
+    SledStore::open(&config.store.path, config.store.cache_mb).map_err(|e| match e {
+        // sled admits one process: say who holds the store and how to reach it.
+        klantreis::store::StoreError::Locked { path } => anyhow::anyhow!(
+            "the store at {path} is held by the running klantreis service (`klantreis run`).\n\
+             Ask the service instead, e.g.\n  \
+             curl -H \"Authorization: Bearer $KLANTREIS_ADMIN_TOKEN\" http://{listen}/api/customers/ID\n  \
+             curl -H \"Authorization: Bearer $KLANTREIS_ADMIN_TOKEN\" http://{listen}/api/funnel\n\
+             or stop the service (SIGTERM) and run this command again.",
+            listen = config.server.listen
+        ),
+        e => e.into(),
+    })
 }
 
 /// `--now`: an RFC 3339 time. A bad value is a usage error (exit 2), like any flag.
 fn rfc3339(s: &str) -> Result<DateTime<Utc>, String> {
-    klantreis::time::parse(s).ok_or_else(|| format!("{s:?} is not an RFC 3339 time such as 2026-11-20T12:00:00Z"))
+    klantreis::time::parse(s)
+        .ok_or_else(|| format!("{s:?} is not an RFC 3339 time such as 2026-11-20T12:00:00Z"))
 }
 
 /// The evaluation time: `--now`, or the wall clock. The one place the CLI reads a clock.
@@ -203,7 +273,11 @@ fn progress_bar(len: u64, what: &str) -> ProgressBar {
     } else {
         "{spinner} {msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta})"
     };
-    pb.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
+    pb.set_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     pb
 }
 
@@ -211,7 +285,8 @@ fn check(config_path: &Path, json: bool, online: bool) -> Result<ExitCode> {
     let mut problems: Vec<klantreis::diag::Diagnostic> = Vec::new();
     let mut journeys = 0;
     let mut online_checks: Vec<connectors::OnlineCheck> = Vec::new();
-    let text = std::fs::read_to_string(config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
     match Config::parse_lenient(config_path, &text) {
         Err(klantreis::config::ConfigError::Invalid(ds)) => problems.extend(ds),
         Err(e) => bail!(e),
@@ -222,8 +297,10 @@ fn check(config_path: &Path, json: bool, online: bool) -> Result<ExitCode> {
                 problems.extend(ds);
             }
             problems.extend(connectors::check(&config));
+            problems.extend(klantreis::actions::check(&config));
             if online {
-                online_checks = connectors::check_online_blocking(&config, clock::from_option(None));
+                online_checks =
+                    connectors::check_online_blocking(&config, clock::from_option(None));
             }
         }
     }
@@ -234,24 +311,40 @@ fn check(config_path: &Path, json: bool, online: bool) -> Result<ExitCode> {
             v["online"] = serde_json::to_value(&online_checks)?;
         }
         println!("{v}");
-        return Ok(if problems.is_empty() && online_failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        return Ok(if problems.is_empty() && online_failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
     }
     for c in &online_checks {
-        println!("{} {}: {}", if c.ok { "online ok" } else { "online FAILED" }, c.instance, c.message);
+        println!(
+            "{} {}: {}",
+            if c.ok { "online ok" } else { "online FAILED" },
+            c.instance,
+            c.message
+        );
     }
     if problems.is_empty() && online_failed > 0 {
         println!("{online_failed} connector(s) failed the online check");
         return Ok(ExitCode::from(1));
     }
     if problems.is_empty() {
-        println!("ok: {} is valid; {journeys} journeys, every rule compiles", config_path.display());
+        println!(
+            "ok: {} is valid; {journeys} journeys, every rule compiles",
+            config_path.display()
+        );
     } else {
         for p in &problems {
             println!("{p}");
         }
         println!("{} problem(s) found", problems.len());
     }
-    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn test(config_path: &Path, path: Option<PathBuf>, json: bool) -> Result<ExitCode> {
@@ -280,18 +373,35 @@ fn test(config_path: &Path, path: Option<PathBuf>, json: bool) -> Result<ExitCod
         }
     }
     println!("{} passed, {} failed", report.passed(), report.failed());
-    Ok(if report.failed() == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
-fn import_cmd(config_path: &Path, file: &str, format: Option<&str>, json: bool) -> Result<ExitCode> {
+fn import_cmd(
+    config_path: &Path,
+    file: &str,
+    format: Option<&str>,
+    json: bool,
+) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let store = open_store(&config)?;
     let report = import_file(&store, file, format)?;
     print_import(&report, json)?;
-    Ok(if report.errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
-fn import_file(store: &dyn Store, file: &str, format: Option<&str>) -> Result<import::ImportReport> {
+fn import_file(
+    store: &dyn Store,
+    file: &str,
+    format: Option<&str>,
+) -> Result<import::ImportReport> {
     let format = match format {
         Some("csv") => import::Format::Csv,
         Some(_) => import::Format::Jsonl,
@@ -305,7 +415,9 @@ fn import_file(store: &dyn Store, file: &str, format: Option<&str>) -> Result<im
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let pb = progress_bar(len, "bytes");
     pb.set_message("importing");
-    let report = import::import(store, BufReader::with_capacity(1 << 20, f), format, &|b| pb.set_position(b));
+    let report = import::import(store, BufReader::with_capacity(1 << 20, f), format, &|b| {
+        pb.set_position(b)
+    });
     pb.finish_and_clear();
     Ok(report?)
 }
@@ -315,20 +427,32 @@ fn print_import(report: &import::ImportReport, json: bool) -> Result<()> {
         eprintln!("line {}: {}", e.line, e.error);
     }
     if report.errors > report.error_samples.len() as u64 {
-        eprintln!("... and {} more bad lines", report.errors - report.error_samples.len() as u64);
+        eprintln!(
+            "... and {} more bad lines",
+            report.errors - report.error_samples.len() as u64
+        );
     }
     if json {
         println!("{}", serde_json::to_string(report)?);
     } else {
         println!(
             "imported {} customers: {} new, {} updated, {} unchanged; {} bad lines skipped",
-            report.customers, report.stats.created, report.stats.updated, report.stats.unchanged, report.errors
+            report.customers,
+            report.stats.created,
+            report.stats.updated,
+            report.stats.unchanged,
+            report.errors
         );
     }
     Ok(())
 }
 
-fn eval(config_path: &Path, file: &str, journey: Option<&str>, now: Option<DateTime<Utc>>) -> Result<ExitCode> {
+fn eval(
+    config_path: &Path,
+    file: &str,
+    journey: Option<&str>,
+    now: Option<DateTime<Utc>>,
+) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let rules = load_rules(&config)?;
     let now = parse_now(now)?.timestamp();
@@ -409,25 +533,51 @@ fn eval(config_path: &Path, file: &str, journey: Option<&str>, now: Option<DateT
     if rule_errors > 0 {
         eprintln!("{rule_errors} evaluation(s) failed");
     }
-    Ok(if bad == 0 && rule_errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if bad == 0 && rule_errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
-fn run_nurture(store: &dyn Store, rules: &RuleSet, opts: &NurtureOptions) -> Result<(NurtureSummary, f64)> {
+fn run_nurture(
+    store: &dyn Store,
+    rules: &RuleSet,
+    actions: Option<&Actions>,
+    opts: &NurtureOptions,
+) -> Result<(NurtureSummary, f64)> {
     let total = store.customer_count()?;
     let pb = progress_bar(total, "customers");
-    pb.set_message(if opts.dry_run { "nurture (dry run)" } else { "nurture" });
+    pb.set_message(if opts.dry_run {
+        "nurture (dry run)"
+    } else {
+        "nurture"
+    });
     let started = std::time::Instant::now();
-    let summary = nurture::run(store, rules, opts, &|n| pb.set_position(n))?;
+    let summary = nurture::run_with_actions(store, rules, actions, opts, &|n| pb.set_position(n))?;
     pb.finish_and_clear();
     Ok((summary, started.elapsed().as_secs_f64()))
 }
 
-fn print_summary(summary: &NurtureSummary, secs: f64, config: &Config, json: bool, dry_run: bool) -> Result<()> {
+fn print_summary(
+    summary: &NurtureSummary,
+    secs: f64,
+    config: &Config,
+    json: bool,
+    dry_run: bool,
+    actions: Option<&outbox::DispatchReport>,
+) -> Result<()> {
     for e in &summary.error_samples {
-        eprintln!("rule error: customer {}, journey {}: {}", e.id, e.journey, e.error);
+        eprintln!(
+            "rule error: customer {}, journey {}: {}",
+            e.id, e.journey, e.error
+        );
     }
     if summary.errors > summary.error_samples.len() as u64 {
-        eprintln!("... and {} more rule errors", summary.errors - summary.error_samples.len() as u64);
+        eprintln!(
+            "... and {} more rule errors",
+            summary.errors - summary.error_samples.len() as u64
+        );
     }
     if json {
         println!(
@@ -438,6 +588,7 @@ fn print_summary(summary: &NurtureSummary, secs: f64, config: &Config, json: boo
                 "errors": summary.errors,
                 "dry_run": dry_run,
                 "seconds": (secs * 1000.0).round() / 1000.0,
+                "actions": actions,
             })
         );
         return Ok(());
@@ -458,6 +609,9 @@ fn print_summary(summary: &NurtureSummary, secs: f64, config: &Config, json: boo
             let list: Vec<String> = items.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("  {}: {}", j.name, list.join(", "));
         }
+    }
+    if let Some(r) = actions {
+        print_dispatch(r, dry_run);
     }
     Ok(())
 }
@@ -485,9 +639,15 @@ fn nurture_cmd(
     let mut opts = NurtureOptions::at(parse_now(now)?);
     opts.dry_run = dry_run;
     opts.threads = threads;
-    let (summary, secs) = run_nurture(&store, &rules, &opts)?;
-    print_summary(&summary, secs, &config, json, dry_run)?;
-    Ok(if summary.errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    let actions = load_actions(&config)?;
+    let (summary, secs) = run_nurture(&store, &rules, actions.as_ref(), &opts)?;
+    let report = dispatch_actions(&store, actions.as_ref(), &config, &summary, opts.now, dry_run)?;
+    print_summary(&summary, secs, &config, json, dry_run, report.as_ref())?;
+    Ok(if summary.errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn run_sync(
@@ -532,7 +692,10 @@ fn sync_line(name: &str, r: &connectors::InstanceReport) -> String {
         line.push_str(&format!("\n  skipped record {}: {}", s.record, s.reason));
     }
     if r.skipped > r.skipped_records.len() as u64 {
-        line.push_str(&format!("\n  ... and {} more skipped records", r.skipped - r.skipped_records.len() as u64));
+        line.push_str(&format!(
+            "\n  ... and {} more skipped records",
+            r.skipped - r.skipped_records.len() as u64
+        ));
     }
     line
 }
@@ -544,25 +707,46 @@ fn sync_cmd(config_path: &Path, name: Option<&str>, full: bool, json: bool) -> R
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else if report.is_empty() {
-        println!("no connector instance pulls; add one under [connectors.NAME] in {}", config_path.display());
+        println!(
+            "no connector instance pulls; add one under [connectors.NAME] in {}",
+            config_path.display()
+        );
     } else {
         for (name, r) in &report {
             println!("{}", sync_line(name, r));
         }
     }
     let failed = report.values().any(|r| r.errors > 0);
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
-fn explain_cmd(config_path: &Path, id: &str, now: Option<DateTime<Utc>>, json: bool) -> Result<ExitCode> {
+fn explain_cmd(
+    config_path: &Path,
+    id: &str,
+    now: Option<DateTime<Utc>>,
+    json: bool,
+) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let rules = RuleSet::load_traced(&config).map_err(|ds| {
-        anyhow::anyhow!("{}", ds.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
+        anyhow::anyhow!(
+            "{}",
+            ds.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
     })?;
     let store = open_store(&config)?;
     let Some(x) = explain::explain(&store, &rules, &config, id, parse_now(now)?)? else {
         if json {
-            println!("{}", serde_json::json!({"id": id, "error": "no such customer"}));
+            println!(
+                "{}",
+                serde_json::json!({"id": id, "error": "no such customer"})
+            );
         } else {
             println!("no customer {id:?} in the store");
         }
@@ -572,8 +756,20 @@ fn explain_cmd(config_path: &Path, id: &str, now: Option<DateTime<Utc>>, json: b
         println!("{}", serde_json::to_string_pretty(&x)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let email = x.customer.get("email").and_then(|v| v.as_str()).unwrap_or("");
-    println!("customer {} {}", x.id, if email.is_empty() { String::new() } else { format!("<{email}>") });
+    let email = x
+        .customer
+        .get("email")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    println!(
+        "customer {} {}",
+        x.id,
+        if email.is_empty() {
+            String::new()
+        } else {
+            format!("<{email}>")
+        }
+    );
     for j in &x.journeys {
         println!();
         match (&j.phase, &j.since) {
@@ -600,7 +796,9 @@ fn explain_cmd(config_path: &Path, id: &str, now: Option<DateTime<Utc>>, json: b
                 let now_says = d.phase.as_deref().unwrap_or("no phase");
                 println!("  why: at {} the rule gives {now_says}", x.evaluated_at);
                 if d.phase != j.phase {
-                    println!("  (that differs from the stored phase: the next nurture will record it)");
+                    println!(
+                        "  (that differs from the stored phase: the next nurture will record it)"
+                    );
                 }
             }
             (None, Some(e)) => println!("  the rule fails at {}: {e}", x.evaluated_at),
@@ -610,6 +808,7 @@ fn explain_cmd(config_path: &Path, id: &str, now: Option<DateTime<Utc>>, json: b
             println!("    {}:{:<4} {}", l.source, l.line, l.text);
         }
     }
+    print_actions_of(&store, id, parse_now(now)?.timestamp())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -618,8 +817,16 @@ fn print_funnel(config: &Config, funnel: &klantreis::store::Funnel) {
     for j in &config.journeys {
         let counts = funnel.get(&j.name);
         let total: u64 = counts.map_or(0, |c| c.values().sum());
-        let max = counts.and_then(|c| c.values().max().copied()).unwrap_or(0).max(1);
-        let name_w = j.phases.iter().map(|p| p.chars().count()).max().unwrap_or(0);
+        let max = counts
+            .and_then(|c| c.values().max().copied())
+            .unwrap_or(0)
+            .max(1);
+        let name_w = j
+            .phases
+            .iter()
+            .map(|p| p.chars().count())
+            .max()
+            .unwrap_or(0);
         println!("{} ({} customers)", j.name, total);
         for p in &j.phases {
             let n = counts.and_then(|c| c.get(p)).copied().unwrap_or(0);
@@ -640,7 +847,11 @@ fn funnel(config_path: &Path, json: bool) -> Result<ExitCode> {
         for j in &config.journeys {
             let mut m = serde_json::Map::new();
             for p in &j.phases {
-                let n = funnel.get(&j.name).and_then(|c| c.get(p)).copied().unwrap_or(0);
+                let n = funnel
+                    .get(&j.name)
+                    .and_then(|c| c.get(p))
+                    .copied()
+                    .unwrap_or(0);
                 m.insert(p.clone(), n.into());
             }
             out.insert(j.name.clone(), m.into());
@@ -661,7 +872,11 @@ fn forget(config_path: &Path, id: &str, compact_after: bool) -> Result<ExitCode>
         println!("forgot customer {id:?}: record, phases and history erased");
         if compact_after {
             let (before, after) = SledStore::compact(&config.store.path, config.store.cache_mb)?;
-            println!("store compacted ({} KiB → {} KiB): no bytes of the customer remain on disk", before / 1024, after / 1024);
+            println!(
+                "store compacted ({} KiB → {} KiB): no bytes of the customer remain on disk",
+                before / 1024,
+                after / 1024
+            );
         } else {
             println!("run `klantreis compact` to remove the erased bytes from disk");
         }
@@ -674,7 +889,11 @@ fn forget(config_path: &Path, id: &str, compact_after: bool) -> Result<ExitCode>
 fn compact(config_path: &Path) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let (before, after) = SledStore::compact(&config.store.path, config.store.cache_mb)?;
-    println!("store compacted: {} KiB → {} KiB", before / 1024, after / 1024);
+    println!(
+        "store compacted: {} KiB → {} KiB",
+        before / 1024,
+        after / 1024
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -682,14 +901,23 @@ fn demo(config_path: &Path, data: &Path, now: DateTime<Utc>) -> Result<ExitCode>
     let config = load_config(config_path)?;
     let rules = load_rules(&config)?;
     let store = open_store(&config)?;
-    let data = if data.is_relative() { config.base_dir.join(data) } else { data.to_path_buf() };
+    let data = if data.is_relative() {
+        config.base_dir.join(data)
+    } else {
+        data.to_path_buf()
+    };
     let data = data.to_string_lossy().into_owned();
-    println!("klantreis demo: importing {data} into {}", config.store.path.display());
+    println!(
+        "klantreis demo: importing {data} into {}",
+        config.store.path.display()
+    );
     let report = import_file(&store, &data, None)?;
     print_import(&report, false)?;
     println!("nurture at {}:", klantreis::time::format(now));
-    let (summary, secs) = run_nurture(&store, &rules, &NurtureOptions::at(now))?;
-    print_summary(&summary, secs, &config, false, false)?;
+    let actions = load_actions(&config)?;
+    let (summary, secs) = run_nurture(&store, &rules, actions.as_ref(), &NurtureOptions::at(now))?;
+    let report = dispatch_actions(&store, actions.as_ref(), &config, &summary, now, false)?;
+    print_summary(&summary, secs, &config, false, false, report.as_ref())?;
     if summary.transition_count() == 0 {
         println!("  (no changes: this store was already nurtured at this time)");
     }
@@ -698,5 +926,146 @@ fn demo(config_path: &Path, data: &Path, now: DateTime<Utc>) -> Result<ExitCode>
     println!();
     println!("next: `klantreis explain c0001` shows why a customer is where they are;");
     println!("      `klantreis test` runs the rule tests.");
-    Ok(if summary.errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if summary.errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The configured actions, compiled (`None` when there are none).
+fn load_actions(config: &Config) -> Result<Option<Actions>> {
+    if config.actions.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Actions::build(config)?))
+}
+
+/// Dispatches what is due after a nurture (in a dry run: renders what would be sent).
+fn dispatch_actions(
+    store: &SledStore,
+    actions: Option<&Actions>,
+    config: &Config,
+    summary: &NurtureSummary,
+    now: DateTime<Utc>,
+    dry_run: bool,
+) -> Result<Option<outbox::DispatchReport>> {
+    let Some(actions) = actions else {
+        return Ok(None);
+    };
+    let opts = outbox::DispatchOptions {
+        dry_run,
+        ..Default::default()
+    };
+    let report = outbox::dispatch(
+        store,
+        actions,
+        config,
+        clock::from_option(Some(now)),
+        &summary.planned,
+        &opts,
+    )?;
+    Ok(Some(report))
+}
+
+fn print_dispatch(r: &outbox::DispatchReport, dry_run: bool) {
+    if dry_run {
+        let n = r.fired.iter().filter(|f| f.outcome == "would_send").count();
+        println!("actions that would fire: {n} (nothing sent, nothing written)");
+    } else {
+        println!(
+            "actions: {} done, {} retrying, {} dead, {} skipped, {} cancelled, {} deferred",
+            r.done, r.retrying, r.dead, r.skipped, r.cancelled, r.deferred
+        );
+    }
+    for f in &r.fired {
+        println!(
+            "  {:<10} {} {} ({}){}",
+            f.outcome,
+            f.customer,
+            f.action,
+            f.key,
+            f.note.as_deref().map(|n| format!(": {n}")).unwrap_or_default()
+        );
+        if dry_run {
+            for s in &f.steps {
+                println!("      {}", serde_json::to_string(s).unwrap_or_default());
+            }
+        }
+    }
+}
+
+fn outbox_cmd(config_path: &Path, cmd: Option<OutboxCmd>, json: bool) -> Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let store = open_store(&config)?;
+    let now = clock::from_option(None).now().timestamp();
+    match cmd {
+        Some(OutboxCmd::Retry { id: Some(id), .. }) => {
+            let e = outbox::retry(&store, &id, now)?;
+            println!("{} is pending again (due now)", e.key);
+        }
+        Some(OutboxCmd::Retry { id: None, dead }) => {
+            if !dead {
+                bail!("give an outbox id, or --dead for every dead action");
+            }
+            println!("{} dead action(s) put back", outbox::retry_dead(&store, now)?);
+        }
+        None => {
+            let entries = outbox::list(&store, None)?;
+            if json {
+                println!("{}", serde_json::to_string(&entries)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            for e in &entries {
+                println!(
+                    "{:<10} {} {} {} attempts={}{}",
+                    e.display_state(now),
+                    e.key,
+                    e.customer,
+                    e.action,
+                    e.attempts,
+                    e.last_error
+                        .as_deref()
+                        .or(e.note.as_deref())
+                        .map(|n| format!(": {n}"))
+                        .unwrap_or_default()
+                );
+            }
+            let counts = outbox::counts(&store, now)?;
+            let list: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("{} action(s): {}", entries.len(), list.join(", "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `explain`: the actions planned or fired for a customer, and why.
+fn print_actions_of(store: &SledStore, id: &str, now: i64) -> Result<()> {
+    use klantreis::store::OutboxStore;
+    let entries = store.outbox_of(id)?;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    println!();
+    println!("actions:");
+    for e in entries {
+        println!(
+            "  {} {} [{}] because {} (trigger {}){}{}",
+            e.display_state(now),
+            e.action,
+            e.key,
+            e.reason,
+            e.trigger,
+            e.results
+                .get("coupon_code")
+                .map(|c| format!("; code {}", c.as_str().unwrap_or("")))
+                .unwrap_or_default(),
+            e.last_error
+                .as_deref()
+                .or(e.note.as_deref())
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
 }

@@ -32,7 +32,19 @@ struct RawConfig {
     /// `[connectors.NAME]` instances; their keys depend on the definition they name,
     /// so they are kept generic here and checked by [`crate::connectors`].
     #[serde(default)]
-    connectors: BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
+    connectors: RawInstances,
+    /// `[server]`: how `klantreis run` listens (see [`ServerSettings`]).
+    #[serde(default)]
+    server: ServerSettings,
+    /// `[schedule]`: cron schedules of `klantreis run` (see [`ScheduleSettings`]).
+    #[serde(default)]
+    schedule: RawSchedule,
+    /// `[[actions]]`: what happens per phase (see [`crate::actions`]).
+    #[serde(default)]
+    actions: Vec<crate::actions::RawAction>,
+    /// `[outbox]`: dispatcher and guard settings.
+    #[serde(default)]
+    outbox: crate::actions::OutboxSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +131,110 @@ pub struct Config {
     /// The folder of connector definitions (`connectors/` next to the config file);
     /// definitions not found there come from the ones built into klantreis.
     pub connectors_dir: PathBuf,
+    /// `[server]` of `klantreis run`.
+    pub server: ServerSettings,
+    /// `[schedule]` of `klantreis run`, every expression checked.
+    pub schedule: ScheduleSettings,
+    /// `[[actions]]`, checked against the journeys and connectors.
+    pub actions: Vec<crate::actions::ActionConfig>,
+    /// `[outbox]`.
+    pub outbox: crate::actions::OutboxSettings,
+}
+
+/// `[server]`: the HTTP side of `klantreis run`. `admin_token` may hold `${VAR}`;
+/// it is expanded when the service starts and never logged.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// The address to listen on (`--listen` wins).
+    pub listen: String,
+    /// The bearer token of the admin API and `/metrics`; none means they are off.
+    pub admin_token: Option<String>,
+    /// Webhook bodies above this many bytes are refused with 413.
+    pub max_body_bytes: usize,
+    /// How far a signed timestamp may be from now (Stripe-style signatures).
+    pub webhook_tolerance_secs: u64,
+    /// How long a SIGTERM waits for requests and runs in flight.
+    pub shutdown_timeout_secs: u64,
+    /// How long a group commit waits to gather more writes before its flush.
+    pub commit_delay_us: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_token: None,
+            max_body_bytes: 1024 * 1024,
+            webhook_tolerance_secs: 300,
+            shutdown_timeout_secs: 10,
+            commit_delay_us: 0,
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSettings")
+            .field("listen", &self.listen)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    #[serde(default = "default_timezone")]
+    timezone: Spanned<String>,
+    #[serde(default = "default_true")]
+    catch_up: bool,
+    nurture: Option<Spanned<String>>,
+    #[serde(default)]
+    sync: BTreeMap<Spanned<String>, Spanned<String>>,
+}
+
+impl Default for RawSchedule {
+    fn default() -> Self {
+        Self {
+            timezone: default_timezone(),
+            catch_up: true,
+            nurture: None,
+            sync: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_timezone() -> Spanned<String> {
+    Spanned::new(0..0, "Europe/Amsterdam".to_string())
+}
+fn default_true() -> bool {
+    true
+}
+
+/// `[schedule]`: when `klantreis run` syncs and nurtures. Expressions are crontab
+/// (5 fields, or 6 with seconds first; weekdays 1 = Monday, 0 and 7 = Sunday) in
+/// `timezone`.
+#[derive(Debug, Clone)]
+pub struct ScheduleSettings {
+    /// An IANA zone name (default Europe/Amsterdam).
+    pub timezone: String,
+    /// Run a job missed while the service was down once at start.
+    pub catch_up: bool,
+    pub nurture: Option<String>,
+    /// Instance name → expression.
+    pub sync: BTreeMap<String, String>,
+}
+
+/// Parses a crontab expression the way the scheduler does: POSIX weekdays, seconds
+/// optional (a 6-field expression starts with them).
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(expr)
+        .map_err(|e| format!("{expr:?} is not a crontab expression: {e}"))
 }
 
 /// One `[connectors.NAME]` instance as written. Every key except `type` is kept with
@@ -205,11 +321,22 @@ impl Config {
         let file = path.display().to_string();
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
-            ConfigError::Invalid(vec![Diagnostic::at_offset(&file, text, offset, e.message().trim())])
+            ConfigError::Invalid(vec![Diagnostic::at_offset(
+                &file,
+                text,
+                offset,
+                e.message().trim(),
+            )])
         })?;
         let base_dir = path
             .parent()
-            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let mut problems = Vec::new();
@@ -234,12 +361,19 @@ impl Config {
         for j in raw.journeys {
             let before = problems.len();
             let name = j.name.get_ref().trim().to_string();
-            if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-') {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+            {
                 problems.push(Diagnostic::at_offset(
                     &file,
                     text,
                     j.name.span().start,
-                    format!("journey name {:?} must be letters, digits, '_' or '-'", j.name.get_ref()),
+                    format!(
+                        "journey name {:?} must be letters, digits, '_' or '-'",
+                        j.name.get_ref()
+                    ),
                 ));
             }
             if journeys.iter().any(|o| o.name == name) {
@@ -261,7 +395,12 @@ impl Config {
             }
             for (i, p) in phases.iter().enumerate() {
                 if p.trim().is_empty() {
-                    problems.push(Diagnostic::at_offset(&file, text, j.phases.span().start, "a phase name is empty"));
+                    problems.push(Diagnostic::at_offset(
+                        &file,
+                        text,
+                        j.phases.span().start,
+                        "a phase name is empty",
+                    ));
                 } else if phases[..i].contains(p) {
                     problems.push(Diagnostic::at_offset(
                         &file,
@@ -293,8 +432,18 @@ impl Config {
             problems.push(Diagnostic::new(&file, 1, 1, "no [[journeys]] are defined"));
         }
         let connectors_dir = base_dir.join("connectors");
-        let connectors = connector_instances(&file, text, &connectors_dir, raw.connectors, &mut problems);
+        let connectors =
+            connector_instances(&file, text, &connectors_dir, raw.connectors, &mut problems);
+        let actions = crate::actions::validate(
+            &file,
+            text,
+            raw.actions,
+            &journeys,
+            &connectors,
+            &mut problems,
+        );
         let rules_dir = base_dir.join(&raw.rules.dir);
+        let schedule = schedule_settings(&file, text, raw.schedule, &connectors, &mut problems);
         let config = Config {
             file: path.to_path_buf(),
             store: StoreSettings {
@@ -307,6 +456,10 @@ impl Config {
             journeys,
             connectors,
             connectors_dir,
+            server: raw.server,
+            schedule,
+            actions,
+            outbox: raw.outbox,
         };
         Ok((config, problems))
     }
@@ -317,7 +470,8 @@ impl Config {
     }
 }
 
-type RawInstances = BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>;
+type RawInstances =
+    BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>;
 
 /// `[connectors.NAME]` tables with their positions; an instance with a problem is
 /// reported and left out.
@@ -334,7 +488,11 @@ fn connector_instances(
         let at = pos(table.span().start);
         let n = name.get_ref().clone();
         let before = problems.len();
-        if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        if n.is_empty()
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
             problems.push(Diagnostic::at_offset(
                 file,
                 text,
@@ -385,12 +543,69 @@ fn connector_instances(
             at,
             settings,
         };
-        problems.extend(crate::connectors::validate_instances(file, dir, std::slice::from_ref(&inst)));
+        problems.extend(crate::connectors::validate_instances(
+            file,
+            dir,
+            std::slice::from_ref(&inst),
+        ));
         if problems.len() == before {
             out.push(inst);
         }
     }
     out
+}
+
+/// Checks `[schedule]`: the zone exists, every expression parses, every sync
+/// schedule names a configured instance.
+fn schedule_settings(
+    file: &str,
+    text: &str,
+    raw: RawSchedule,
+    connectors: &[ConnectorInstanceConfig],
+    problems: &mut Vec<Diagnostic>,
+) -> ScheduleSettings {
+    if raw.timezone.get_ref().parse::<chrono_tz::Tz>().is_err() {
+        problems.push(Diagnostic::at_offset(
+            file,
+            text,
+            raw.timezone.span().start,
+            format!(
+                "schedule.timezone {:?} is not an IANA time zone such as Europe/Amsterdam",
+                raw.timezone.get_ref()
+            ),
+        ));
+    }
+    let mut check = |expr: &Spanned<String>| {
+        if let Err(e) = parse_cron(expr.get_ref()) {
+            problems.push(Diagnostic::at_offset(file, text, expr.span().start, e));
+        }
+    };
+    if let Some(n) = &raw.nurture {
+        check(n);
+    }
+    let mut sync = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for (name, expr) in raw.sync {
+        check(&expr);
+        if !connectors.iter().any(|c| &c.name == name.get_ref()) {
+            unknown.push((name.span().start, name.get_ref().clone()));
+        }
+        sync.insert(name.into_inner(), expr.into_inner());
+    }
+    for (at, name) in unknown {
+        problems.push(Diagnostic::at_offset(
+            file,
+            text,
+            at,
+            format!("schedule.sync names {name:?}, which is not a [connectors.NAME] instance"),
+        ));
+    }
+    ScheduleSettings {
+        timezone: raw.timezone.into_inner(),
+        catch_up: raw.catch_up,
+        nurture: raw.nurture.map(Spanned::into_inner),
+        sync,
+    }
 }
 
 /// Replaces every `${NAME}` in `value` with that environment variable. A missing
@@ -428,19 +643,26 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_position() {
-        let err = parse("[store]\npath = \"x\"\ncolour = 1\n").unwrap_err().to_string();
+        let err = parse("[store]\npath = \"x\"\ncolour = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("config.toml:3:1"), "{err}");
         assert!(err.contains("colour"), "{err}");
     }
 
     #[test]
     fn journeys_validate_and_resolve_paths() {
-        let c = parse("[[journeys]]\nname = \"j\"\nrules = \"rules/a.rhai\"\nphases = [\"a\", \"b\"]\n").unwrap();
+        let c = parse(
+            "[[journeys]]\nname = \"j\"\nrules = \"rules/a.rhai\"\nphases = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
         assert!(c.journeys[0].rules_path.ends_with("rules/a.rhai"));
         assert!(c.store.path.ends_with("data/klantreis"));
-        let err = parse("[[journeys]]\nname = \"j\"\nrules = \"rules/missing.rhai\"\nphases = [\"a\", \"a\"]\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse(
+            "[[journeys]]\nname = \"j\"\nrules = \"rules/missing.rhai\"\nphases = [\"a\", \"a\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("listed twice"), "{err}");
         assert!(err.contains("does not exist"), "{err}");
         assert!(err.contains(":3:9"), "{err}");
@@ -449,7 +671,10 @@ mod tests {
     #[test]
     fn env_expansion_names_missing_variable() {
         std::env::set_var("KLANTREIS_TEST_TOKEN", "s3cret");
-        assert_eq!(expand_env("Bearer ${KLANTREIS_TEST_TOKEN}").unwrap(), "Bearer s3cret");
+        assert_eq!(
+            expand_env("Bearer ${KLANTREIS_TEST_TOKEN}").unwrap(),
+            "Bearer s3cret"
+        );
         let err = expand_env("${KLANTREIS_SURELY_MISSING}").unwrap_err();
         assert!(err.contains("KLANTREIS_SURELY_MISSING"));
     }

@@ -12,7 +12,12 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub fn new(file: impl Into<String>, line: usize, column: usize, message: impl Into<String>) -> Self {
+    pub fn new(
+        file: impl Into<String>,
+        line: usize,
+        column: usize,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             file: file.into(),
             line,
@@ -22,7 +27,12 @@ impl Diagnostic {
     }
 
     /// A diagnostic at a byte offset of `source`.
-    pub fn at_offset(file: impl Into<String>, source: &str, offset: usize, message: impl Into<String>) -> Self {
+    pub fn at_offset(
+        file: impl Into<String>,
+        source: &str,
+        offset: usize,
+        message: impl Into<String>,
+    ) -> Self {
         let (line, column) = line_col(source, offset);
         Self::new(file, line, column, message)
     }
@@ -30,7 +40,11 @@ impl Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
     }
 }
 

@@ -71,7 +71,10 @@ pub fn explain(
         let (result, steps) = trace::record(|| rules.evaluate(idx, map, now.timestamp()));
         let mut lines: Vec<TraceLine> = Vec::new();
         for s in steps {
-            if lines.last().is_some_and(|l| l.source == s.source && l.line == s.line) {
+            if lines
+                .last()
+                .is_some_and(|l| l.source == s.source && l.line == s.line)
+            {
                 continue;
             }
             if lines.len() == MAX_TRACE_LINES {
@@ -93,7 +96,11 @@ pub fn explain(
             phase: state.map(|s| s.phase.clone()),
             since: state.map(|s| s.since.clone()),
             flags: state.map(|s| s.flags.clone()).unwrap_or_default(),
-            history: history.iter().filter(|t| t.journey == j.name).cloned().collect(),
+            history: history
+                .iter()
+                .filter(|t| t.journey == j.name)
+                .cloned()
+                .collect(),
             evaluation,
             error,
             trace: lines,
@@ -122,7 +129,12 @@ impl<'a> SourceFiles<'a> {
     }
 
     fn path_of(&self, source: &str) -> PathBuf {
-        if let Some(j) = self.config.journeys.iter().find(|j| j.rules_display == source) {
+        if let Some(j) = self
+            .config
+            .journeys
+            .iter()
+            .find(|j| j.rules_display == source)
+        {
             return j.rules_path.clone();
         }
         if let Some(rel) = source.strip_prefix("rules/") {
@@ -137,8 +149,10 @@ impl<'a> SourceFiles<'a> {
     fn line(&mut self, source: &str, line: usize) -> String {
         if !self.cache.contains_key(source) {
             let text = std::fs::read_to_string(self.path_of(source)).unwrap_or_default();
-            self.cache
-                .insert(source.to_string(), text.lines().map(str::to_string).collect());
+            self.cache.insert(
+                source.to_string(),
+                text.lines().map(str::to_string).collect(),
+            );
         }
         self.cache[source]
             .get(line.saturating_sub(1))

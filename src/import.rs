@@ -94,7 +94,9 @@ pub fn customer_from_json(v: Value) -> Result<Customer, String> {
         Some(_) => return Err("\"events\" must be an array".into()),
     };
     if let Some(k) = RESERVED_ATTRIBUTES.iter().find(|k| m.contains_key(**k)) {
-        return Err(format!("{k:?} is reserved: phases are decided by the rules, not imported"));
+        return Err(format!(
+            "{k:?} is reserved: phases are decided by the rules, not imported"
+        ));
     }
     let mut c = Customer {
         id,
@@ -115,9 +117,13 @@ pub fn event_from_json(v: Value) -> Result<Event, String> {
         _ => return Err("\"kind\" must be a non-empty string".into()),
     };
     let at = match m.remove("at") {
-        Some(Value::String(s)) => crate::time::parse(&s)
-            .map(crate::time::format)
-            .ok_or_else(|| format!("\"at\" {s:?} is not an RFC 3339 time such as 2026-11-01T10:00:00Z"))?,
+        Some(Value::String(s)) => {
+            crate::time::parse(&s)
+                .map(crate::time::format)
+                .ok_or_else(|| {
+                    format!("\"at\" {s:?} is not an RFC 3339 time such as 2026-11-01T10:00:00Z")
+                })?
+        }
         Some(Value::Number(n)) => {
             let secs = n.as_i64().ok_or("\"at\" must be whole unix seconds")?;
             let t = chrono::DateTime::from_timestamp(secs, 0).ok_or("\"at\" is out of range")?;
@@ -131,14 +137,16 @@ pub fn event_from_json(v: Value) -> Result<Event, String> {
         Some(_) => return Err("\"data\" must be an object".into()),
     };
     if let Some(k) = m.keys().next() {
-        return Err(format!("unknown event key {k:?} (events have kind, at and data)"));
+        return Err(format!(
+            "unknown event key {k:?} (events have kind, at and data)"
+        ));
     }
     Ok(Event { kind, at, data })
 }
 
 /// A CSV cell as a JSON value: integers, floats and booleans are typed; empty cells
 /// are left out; everything else is a string.
-fn csv_value(cell: &str) -> Option<Value> {
+pub fn csv_value(cell: &str) -> Option<Value> {
     let s = cell.trim();
     if s.is_empty() {
         return None;
@@ -153,7 +161,10 @@ fn csv_value(cell: &str) -> Option<Value> {
         return Some(Value::from(i));
     }
     if let Ok(f) = s.parse::<f64>() {
-        if f.is_finite() && s.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E')) {
+        if f.is_finite()
+            && s.chars()
+                .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
+        {
             return Some(Value::from(f));
         }
     }
@@ -177,8 +188,12 @@ pub fn import(
     format: Format,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ImportReport, ImportError> {
-    let writers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
-    let (txs, rxs): (Vec<_>, Vec<_>) = (0..writers).map(|_| crossbeam_channel::bounded::<Parsed>(2)).unzip();
+    let writers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..writers)
+        .map(|_| crossbeam_channel::bounded::<Parsed>(2))
+        .unzip();
     std::thread::scope(|scope| {
         let handles: Vec<_> = rxs
             .into_iter()
@@ -203,7 +218,9 @@ pub fn import(
             })
             .collect();
         let fan_out = |parsed: Parsed| -> bool {
-            let mut parts: Vec<Parsed> = (0..writers).map(|_| Vec::with_capacity(parsed.len() / writers + 1)).collect();
+            let mut parts: Vec<Parsed> = (0..writers)
+                .map(|_| Vec::with_capacity(parsed.len() / writers + 1))
+                .collect();
             for (line, r) in parsed {
                 let w = match &r {
                     Ok(c) => crate::store::stripe_of(&c.id) % writers,
@@ -211,7 +228,10 @@ pub fn import(
                 };
                 parts[w].push((line, r));
             }
-            parts.into_iter().zip(&txs).all(|(p, tx)| p.is_empty() || tx.send(p).is_ok())
+            parts
+                .into_iter()
+                .zip(&txs)
+                .all(|(p, tx)| p.is_empty() || tx.send(p).is_ok())
         };
         let read = match format {
             Format::Jsonl => read_jsonl(input, &fan_out, progress),
@@ -298,7 +318,9 @@ fn read_csv(
         .map(|h| h.trim().to_string())
         .collect();
     let Some(id_col) = headers.iter().position(|h| h == "id") else {
-        return Err(ImportError::Csv("the header row has no \"id\" column".into()));
+        return Err(ImportError::Csv(
+            "the header row has no \"id\" column".into(),
+        ));
     };
     let mut chunk: Parsed = Vec::with_capacity(CHUNK_LINES);
     let mut rec = csv::StringRecord::new();
@@ -353,11 +375,17 @@ mod tests {
         assert_eq!(c.id, "c1");
         assert_eq!(c.attributes.len(), 3);
         assert_eq!(c.events[0].at, "2026-11-01T10:00:00Z");
-        assert!(customer_from_json(json!({"email": "x"})).unwrap_err().contains("id"));
-        assert!(customer_from_json(json!({"id": "c1", "phase": "koop"})).unwrap_err().contains("reserved"));
-        assert!(customer_from_json(json!({"id": "c1", "events": [{"kind": "x", "at": "yesterday"}]}))
+        assert!(customer_from_json(json!({"email": "x"}))
             .unwrap_err()
-            .contains("events[0]"));
+            .contains("id"));
+        assert!(customer_from_json(json!({"id": "c1", "phase": "koop"}))
+            .unwrap_err()
+            .contains("reserved"));
+        assert!(customer_from_json(
+            json!({"id": "c1", "events": [{"kind": "x", "at": "yesterday"}]})
+        )
+        .unwrap_err()
+        .contains("events[0]"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!
 //! See `ARCHITECTURE.md` for the code map and its invariants.
 
+pub mod actions;
 pub mod clock;
 pub mod config;
 pub mod connectors;
@@ -17,7 +18,11 @@ pub mod fakes;
 pub mod import;
 pub mod model;
 pub mod nurture;
+pub mod outbox;
 pub mod rules;
 pub mod ruletest;
+pub mod scheduler;
+pub mod server;
+pub mod service;
 pub mod store;
 pub mod time;

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000);
     }
     let args = cli::Cli::parse();
-    cli::init_logging(args.verbose);
+    cli::init_logging(&args);
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {

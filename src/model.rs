@@ -59,7 +59,8 @@ impl Customer {
             }
         }
         if !other.events.is_empty() {
-            let mut seen: HashSet<(String, String, String)> = self.events.iter().map(Event::identity).collect();
+            let mut seen: HashSet<(String, String, String)> =
+                self.events.iter().map(Event::identity).collect();
             for e in other.events {
                 if seen.insert(e.identity()) {
                     self.events.push(e);
@@ -84,7 +85,10 @@ impl Customer {
             if out.last().is_none_or(|l| l.at != e.at) {
                 run_start = out.len();
             }
-            if out[run_start..].iter().any(|x| x.kind == e.kind && x.data == e.data) {
+            if out[run_start..]
+                .iter()
+                .any(|x| x.kind == e.kind && x.data == e.data)
+            {
                 continue;
             }
             out.push(e);
@@ -93,7 +97,10 @@ impl Customer {
     }
 
     fn sort_events(&mut self) {
-        if self.events.is_sorted_by(|a, b| a.at.len() == b.at.len() && a.at <= b.at) {
+        if self
+            .events
+            .is_sorted_by(|a, b| a.at.len() == b.at.len() && a.at <= b.at)
+        {
             return;
         }
         // Stored times are all UTC in one format, except for sub-second precision, so
@@ -123,7 +130,11 @@ impl Customer {
             rmp_serde::from_slice(bytes).map_err(|e| CodecError::Decode(e.to_string()))?;
         let id = match map.remove("id") {
             Some(Value::String(s)) => s,
-            other => return Err(CodecError::Decode(format!("record without a string id: {other:?}"))),
+            other => {
+                return Err(CodecError::Decode(format!(
+                    "record without a string id: {other:?}"
+                )))
+            }
         };
         let events = match map.remove("events") {
             Some(v) => serde_json::from_value(v).map_err(|e| CodecError::Decode(e.to_string()))?,

@@ -103,7 +103,9 @@ pub fn run(rules: &RuleSet, files: &[PathBuf]) -> TestReport {
         let text = match std::fs::read_to_string(file) {
             Ok(t) => t,
             Err(e) => {
-                report.problems.push(Diagnostic::new(&display, 1, 1, format!("cannot read: {e}")));
+                report
+                    .problems
+                    .push(Diagnostic::new(&display, 1, 1, format!("cannot read: {e}")));
                 continue;
             }
         };
@@ -111,7 +113,12 @@ pub fn run(rules: &RuleSet, files: &[PathBuf]) -> TestReport {
             Ok(r) => r,
             Err(e) => {
                 let off = e.span().map_or(0, |s| s.start);
-                report.problems.push(Diagnostic::at_offset(&display, &text, off, e.message().trim()));
+                report.problems.push(Diagnostic::at_offset(
+                    &display,
+                    &text,
+                    off,
+                    e.message().trim(),
+                ));
                 continue;
             }
         };
@@ -138,18 +145,23 @@ fn run_case(rules: &RuleSet, case: &RawCase) -> Result<(), String> {
     let expected = match (&case.expect, case.expect_none) {
         (Some(p), false) => Some(p.clone()),
         (None, true) => None,
-        _ => return Err("give exactly one of `expect = \"<phase>\"` or `expect_none = true`".into()),
+        _ => {
+            return Err("give exactly one of `expect = \"<phase>\"` or `expect_none = true`".into())
+        }
     };
     let mut json = to_json(case.customer.clone());
     if let serde_json::Value::Object(m) = &mut json {
-        m.entry("id").or_insert_with(|| serde_json::Value::String("test".into()));
+        m.entry("id")
+            .or_insert_with(|| serde_json::Value::String("test".into()));
     }
     let customer = crate::import::customer_from_json(json).map_err(|e| format!("customer: {e}"))?;
     let state = match &case.current_phase {
         Some(p) => Some(PhaseState {
             phase: p.clone(),
             since: match &case.phase_since {
-                Some(v) => crate::time::format(time_of(v).ok_or("`phase_since` must be an RFC 3339 time")?),
+                Some(v) => {
+                    crate::time::format(time_of(v).ok_or("`phase_since` must be an RFC 3339 time")?)
+                }
                 None => crate::time::format(now),
             },
             flags: Vec::new(),
@@ -158,7 +170,9 @@ fn run_case(rules: &RuleSet, case: &RawCase) -> Result<(), String> {
     };
     let mut map = RuleSet::customer_map_of(&customer);
     RuleSet::set_phase(&mut map, state.as_ref());
-    let d = rules.evaluate(idx, map, now.timestamp()).map_err(|e| format!("rule error: {e}"))?;
+    let d = rules
+        .evaluate(idx, map, now.timestamp())
+        .map_err(|e| format!("rule error: {e}"))?;
     if d.phase != expected {
         return Err(format!(
             "expected {}, got {}",

@@ -98,6 +98,9 @@ mod tests {
             unix_seconds("2026-11-20T13:00:00+01:00"),
             unix_seconds("2026-11-20T12:00:00Z")
         );
-        assert_eq!(format(parse("2026-11-20T13:00:00+01:00").unwrap()), "2026-11-20T12:00:00Z");
+        assert_eq!(
+            format(parse("2026-11-20T13:00:00+01:00").unwrap()),
+            "2026-11-20T12:00:00Z"
+        );
     }
 }

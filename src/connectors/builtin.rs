@@ -9,7 +9,13 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("klaviyo", include_str!("../../connectors/klaviyo.toml")),
     ("mailchimp", include_str!("../../connectors/mailchimp.toml")),
     ("shopify", include_str!("../../connectors/shopify.toml")),
-    ("superoffice", include_str!("../../connectors/superoffice.toml")),
+    (
+        "superoffice",
+        include_str!("../../connectors/superoffice.toml"),
+    ),
     ("webhook", include_str!("../../connectors/webhook.toml")),
-    ("woocommerce", include_str!("../../connectors/woocommerce.toml")),
+    (
+        "woocommerce",
+        include_str!("../../connectors/woocommerce.toml"),
+    ),
 ];

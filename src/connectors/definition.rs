@@ -20,7 +20,15 @@ use std::sync::Arc;
 use toml::Spanned;
 
 /// Template variables a pull request may use besides the instance's params.
-pub const PULL_VARS: &[&str] = &["page_size", "cursor", "offset", "page", "since", "since_ms", "since_unix"];
+pub const PULL_VARS: &[&str] = &[
+    "page_size",
+    "cursor",
+    "offset",
+    "page",
+    "since",
+    "since_ms",
+    "since_unix",
+];
 
 /// Instance keys the engine itself reads, by kind; definition params may not reuse them.
 pub const HTTP_KEYS: &[(&str, KeyType)] = &[
@@ -367,11 +375,29 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     /// Registers a template; `allowed` limits the variables it may use.
-    fn tpl(&mut self, name: String, src: &Spanned<String>, allowed: Option<&[&str]>) -> Option<String> {
+    fn tpl(
+        &mut self,
+        name: String,
+        src: &Spanned<String>,
+        allowed: Option<&[&str]>,
+    ) -> Option<String> {
         let at = src.span().start;
-        if let Err(e) = self.env.add_template_owned(name.clone(), src.get_ref().clone()) {
-            let line = e.line().filter(|l| *l > 1).map(|l| format!(" (template line {l})")).unwrap_or_default();
-            self.p.at(at, format!("bad template{line}: {}", e.detail().unwrap_or(&e.to_string())));
+        if let Err(e) = self
+            .env
+            .add_template_owned(name.clone(), src.get_ref().clone())
+        {
+            let line = e
+                .line()
+                .filter(|l| *l > 1)
+                .map(|l| format!(" (template line {l})"))
+                .unwrap_or_default();
+            self.p.at(
+                at,
+                format!(
+                    "bad template{line}: {}",
+                    e.detail().unwrap_or(&e.to_string())
+                ),
+            );
             return None;
         }
         if let Some(allowed) = allowed {
@@ -409,7 +435,10 @@ impl Compiler<'_> {
                 "PATCH" => reqwest::Method::PATCH,
                 "DELETE" => reqwest::Method::DELETE,
                 other => {
-                    self.p.at(m.span().start, format!("unknown method {other:?} (GET, POST, PUT, PATCH, DELETE)"));
+                    self.p.at(
+                        m.span().start,
+                        format!("unknown method {other:?} (GET, POST, PUT, PATCH, DELETE)"),
+                    );
                     default
                 }
             },
@@ -438,9 +467,15 @@ impl Compiler<'_> {
         content_type: Option<&String>,
         allowed: Option<&[&str]>,
     ) -> Shape {
-        let default_method = if body.is_some() { reqwest::Method::POST } else { reqwest::Method::GET };
+        let default_method = if body.is_some() {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
         let method = self.method(method, default_method);
-        let path_t = self.tpl(format!("{prefix}.path"), path, allowed).unwrap_or_default();
+        let path_t = self
+            .tpl(format!("{prefix}.path"), path, allowed)
+            .unwrap_or_default();
         let mut q = Vec::new();
         for (k, v) in query {
             if let Some(t) = self.tpl(format!("{prefix}.query.{k}"), v, allowed) {
@@ -450,7 +485,8 @@ impl Compiler<'_> {
         let mut h = Vec::new();
         for (k, v) in headers {
             if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err() {
-                self.p.at(v.span().start, format!("{k:?} is not a valid header name"));
+                self.p
+                    .at(v.span().start, format!("{k:?} is not a valid header name"));
             }
             if let Some(t) = self.tpl(format!("{prefix}.headers.{k}"), v, allowed) {
                 h.push((k.clone(), t));
@@ -463,7 +499,9 @@ impl Compiler<'_> {
             query: q,
             headers: h,
             body,
-            content_type: content_type.cloned().unwrap_or_else(|| "application/json".into()),
+            content_type: content_type
+                .cloned()
+                .unwrap_or_else(|| "application/json".into()),
         }
     }
 
@@ -484,14 +522,32 @@ impl Compiler<'_> {
                 Style::None
             }
         };
-        let next = raw.next.as_ref().and_then(|n| self.path("pagination.next", n));
+        let next = raw
+            .next
+            .as_ref()
+            .and_then(|n| self.path("pagination.next", n));
         if matches!(style, Style::Cursor | Style::NextUrl) && raw.next.is_none() {
-            self.p.at(at, format!("pagination style {:?} needs `next`, the body path of the next cursor or URL", raw.style.get_ref()));
+            self.p.at(
+                at,
+                format!(
+                    "pagination style {:?} needs `next`, the body path of the next cursor or URL",
+                    raw.style.get_ref()
+                ),
+            );
         }
         if matches!(style, Style::Offset | Style::Page) && raw.param.is_none() {
-            self.p.at(at, format!("pagination style {:?} needs `param`, the query parameter to set", raw.style.get_ref()));
+            self.p.at(
+                at,
+                format!(
+                    "pagination style {:?} needs `param`, the query parameter to set",
+                    raw.style.get_ref()
+                ),
+            );
         }
-        let total = raw.total.as_ref().and_then(|t| self.path("pagination.total", t));
+        let total = raw
+            .total
+            .as_ref()
+            .and_then(|t| self.path("pagination.total", t));
         Pagination {
             style,
             next,
@@ -509,7 +565,12 @@ impl Definition {
     pub fn parse(name: &str, origin: &str, text: &str) -> Result<Definition, Vec<Diagnostic>> {
         let raw: RawDefinition = toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
-            vec![Diagnostic::at_offset(origin, text, offset, e.message().trim())]
+            vec![Diagnostic::at_offset(
+                origin,
+                text,
+                offset,
+                e.message().trim(),
+            )]
         })?;
         let mut c = Compiler {
             p: Problems {
@@ -529,15 +590,30 @@ impl Definition {
                 Kind::Http
             }
         };
-        let engine_keys = if kind == Kind::File { FILE_KEYS } else { HTTP_KEYS };
+        let engine_keys = if kind == Kind::File {
+            FILE_KEYS
+        } else {
+            HTTP_KEYS
+        };
         let mut params = BTreeMap::new();
         for (k, p) in &raw.params {
             let name = k.get_ref();
-            if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') || name == "type" {
-                c.p.at(k.span().start, format!("param name {name:?} must be letters, digits and '_' (and not `type`)"));
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                || name == "type"
+            {
+                c.p.at(
+                    k.span().start,
+                    format!("param name {name:?} must be letters, digits and '_' (and not `type`)"),
+                );
             }
             if engine_keys.iter().any(|(e, _)| e == name) || PULL_VARS.contains(&name.as_str()) {
-                c.p.at(k.span().start, format!("param {name:?} clashes with an engine key or template variable"));
+                c.p.at(
+                    k.span().start,
+                    format!("param {name:?} clashes with an engine key or template variable"),
+                );
             }
             params.insert(
                 name.clone(),
@@ -550,7 +626,7 @@ impl Definition {
             );
         }
         let rate_per_sec = raw.rate_per_sec.as_ref().map(|r| {
-            if !(*r.get_ref() >= 0.0) {
+            if r.get_ref().is_nan() || *r.get_ref() < 0.0 {
                 c.p.at(r.span().start, "rate_per_sec must be 0 (no limit) or more");
             }
             *r.get_ref()
@@ -563,7 +639,11 @@ impl Definition {
         });
 
         if kind == Kind::File {
-            if raw.auth.is_some() || raw.pull.is_some() || !raw.requests.is_empty() || raw.base_url.is_some() {
+            if raw.auth.is_some()
+                || raw.pull.is_some()
+                || !raw.requests.is_empty()
+                || raw.base_url.is_some()
+            {
                 c.p.at(0, "a file definition has only params (path, format); auth, pull and requests are for http");
             }
             if !params.contains_key("path") {
@@ -572,15 +652,25 @@ impl Definition {
         }
 
         let params_only: &[&str] = &[];
-        let base_url = raw.base_url.as_ref().and_then(|b| c.tpl("base_url".into(), b, Some(params_only)));
+        let base_url = raw
+            .base_url
+            .as_ref()
+            .and_then(|b| c.tpl("base_url".into(), b, Some(params_only)));
         let auth = match &raw.auth {
             None => Auth::None,
             Some(a) => {
-                let need = |c: &mut Compiler<'_>, v: &Option<Spanned<String>>, key: &str, name: &str| -> String {
+                let need = |c: &mut Compiler<'_>,
+                            v: &Option<Spanned<String>>,
+                            key: &str,
+                            name: &str|
+                 -> String {
                     match v {
                         Some(v) => c.tpl(name.into(), v, Some(params_only)).unwrap_or_default(),
                         None => {
-                            c.p.at(a.style.span().start, format!("auth style {:?} needs `{key}`", a.style.get_ref()));
+                            c.p.at(
+                                a.style.span().start,
+                                format!("auth style {:?} needs `{key}`", a.style.get_ref()),
+                            );
                             String::new()
                         }
                     }
@@ -595,9 +685,16 @@ impl Definition {
                         password: need(&mut c, &a.password, "password", "auth.password"),
                     },
                     "header" => {
-                        let name = a.header.as_ref().map(|h| h.get_ref().clone()).unwrap_or_default();
+                        let name = a
+                            .header
+                            .as_ref()
+                            .map(|h| h.get_ref().clone())
+                            .unwrap_or_default();
                         if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                            c.p.at(a.style.span().start, "auth style \"header\" needs `header`, a valid header name");
+                            c.p.at(
+                                a.style.span().start,
+                                "auth style \"header\" needs `header`, a valid header name",
+                            );
                         }
                         Auth::Header {
                             name,
@@ -605,7 +702,10 @@ impl Definition {
                         }
                     }
                     other => {
-                        c.p.at(a.style.span().start, format!("unknown auth style {other:?} (bearer, basic, header, none)"));
+                        c.p.at(
+                            a.style.span().start,
+                            format!("unknown auth style {other:?} (bearer, basic, header, none)"),
+                        );
                         Auth::None
                     }
                 }
@@ -727,7 +827,10 @@ impl Definition {
         for (name, r) in &raw.requests {
             let n = name.get_ref();
             let Some(path) = &r.path else {
-                c.p.at(name.span().start, format!("request {n:?} needs a `path` (\"\" for the base URL itself)"));
+                c.p.at(
+                    name.span().start,
+                    format!("request {n:?} needs a `path` (\"\" for the base URL itself)"),
+                );
                 continue;
             };
             let shape = c.shape(
@@ -740,21 +843,32 @@ impl Definition {
                 r.content_type.as_ref(),
                 None,
             );
-            let error_paths = r.error_paths.iter().filter_map(|p| c.path("error_paths", p)).collect();
+            let error_paths = r
+                .error_paths
+                .iter()
+                .filter_map(|p| c.path("error_paths", p))
+                .collect();
             let signature = r.signature.as_ref().map(|s| Signature {
                 header: s.header.clone(),
-                key: c.tpl(format!("requests.{n}.signature.key"), &s.key, None).unwrap_or_default(),
+                key: c
+                    .tpl(format!("requests.{n}.signature.key"), &s.key, None)
+                    .unwrap_or_default(),
                 prefix: s.prefix.clone(),
                 base64: match s.encoding.get_ref().as_str() {
                     "hex" => false,
                     "base64" => true,
                     other => {
-                        c.p.at(s.encoding.span().start, format!("unknown signature encoding {other:?} (hex, base64)"));
+                        c.p.at(
+                            s.encoding.span().start,
+                            format!("unknown signature encoding {other:?} (hex, base64)"),
+                        );
                         false
                     }
                 },
             });
-            let idempotent = r.idempotent.unwrap_or(shape.method != reqwest::Method::POST);
+            let idempotent = r
+                .idempotent
+                .unwrap_or(shape.method != reqwest::Method::POST);
             requests.insert(
                 n.clone(),
                 Request {
@@ -780,7 +894,10 @@ impl Definition {
             ))
         });
         if kind == Kind::Http && raw.pull.is_none() && raw.requests.is_empty() {
-            c.p.at(0, "an http definition needs a [pull] section, [requests], or both");
+            c.p.at(
+                0,
+                "an http definition needs a [pull] section, [requests], or both",
+            );
         }
         if !c.p.list.is_empty() {
             return Err(c.p.list);
@@ -838,8 +955,11 @@ pub enum LookupError {
 /// then the built-in ones. Each is parsed once.
 pub struct Registry {
     dir: PathBuf,
-    cache: Mutex<HashMap<String, Result<Arc<Definition>, Vec<Diagnostic>>>>,
+    cache: Mutex<HashMap<String, Loaded>>,
 }
+
+/// A definition as loaded: usable, or its problems.
+type Loaded = Result<Arc<Definition>, Vec<Diagnostic>>;
 
 impl Registry {
     pub fn new(dir: &Path) -> Self {
@@ -856,7 +976,10 @@ impl Registry {
 
     /// Every definition name available, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = super::builtin::BUILTIN.iter().map(|(n, _)| n.to_string()).collect();
+        let mut names: Vec<String> = super::builtin::BUILTIN
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
         if let Ok(rd) = std::fs::read_dir(&self.dir) {
             for e in rd.flatten() {
                 let p = e.path();
@@ -888,14 +1011,22 @@ impl Registry {
 
     /// The definition called `name`.
     pub fn get(&self, name: &str) -> Result<Arc<Definition>, LookupError> {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(LookupError::Unknown { known: self.names() });
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(LookupError::Unknown {
+                known: self.names(),
+            });
         }
         if let Some(r) = self.cache.lock().get(name) {
             return r.clone().map_err(LookupError::Invalid);
         }
         let Some((origin, text)) = self.source(name) else {
-            return Err(LookupError::Unknown { known: self.names() });
+            return Err(LookupError::Unknown {
+                known: self.names(),
+            });
         };
         let r = match text.strip_prefix('\u{0}') {
             Some(err) => Err(vec![Diagnostic::new(&origin, 1, 1, err)]),
@@ -925,7 +1056,13 @@ mod tests {
     fn every_shipped_definition_loads() {
         for (name, text) in super::super::builtin::BUILTIN {
             if let Err(ds) = Definition::parse(name, name, text) {
-                panic!("{name}: {}", ds.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"));
+                panic!(
+                    "{name}: {}",
+                    ds.iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
             }
         }
     }
@@ -948,9 +1085,21 @@ id = "id"
 "#;
         let ds = Definition::parse("x", "x.toml", text).unwrap_err();
         let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
-        assert!(all.iter().any(|d| d.starts_with("x.toml:7:") && d.contains("tokn")), "{all:?}");
-        assert!(all.iter().any(|d| d.starts_with("x.toml:9:") && d.contains("bad template")), "{all:?}");
-        assert!(all.iter().any(|d| d.starts_with("x.toml:11:") && d.contains("sideways")), "{all:?}");
+        assert!(
+            all.iter()
+                .any(|d| d.starts_with("x.toml:7:") && d.contains("tokn")),
+            "{all:?}"
+        );
+        assert!(
+            all.iter()
+                .any(|d| d.starts_with("x.toml:9:") && d.contains("bad template")),
+            "{all:?}"
+        );
+        assert!(
+            all.iter()
+                .any(|d| d.starts_with("x.toml:11:") && d.contains("sideways")),
+            "{all:?}"
+        );
         let ds = Definition::parse("x", "x.toml", "colour = 1\n").unwrap_err();
         assert!(ds[0].to_string().contains("colour"), "{ds:?}");
     }
@@ -966,7 +1115,10 @@ id = "id"
         let r = Registry::new(dir.path());
         assert_eq!(r.get("hubspot").unwrap().description, "mine");
         assert!(r.get("mailchimp").unwrap().pull.is_some());
-        assert!(matches!(r.get("../etc/passwd"), Err(LookupError::Unknown { .. })));
+        assert!(matches!(
+            r.get("../etc/passwd"),
+            Err(LookupError::Unknown { .. })
+        ));
         match r.get("nosuch") {
             Err(LookupError::Unknown { known }) => assert!(known.contains(&"klaviyo".to_string())),
             other => panic!("{other:?}"),

@@ -9,7 +9,10 @@
 
 use super::identity::Resolver;
 use super::instance::Connector;
-use super::sync::{encode_state, load_state, cursor_name, FileStamp, InstanceReport, PageState, Progress, RunState, SyncOptions, SyncState};
+use super::sync::{
+    cursor_name, encode_state, load_state, FileStamp, InstanceReport, PageState, Progress,
+    RunState, SyncOptions, SyncState,
+};
 use super::ConnectorError;
 use crate::import::{customer_from_json, Format};
 use crate::model::Customer;
@@ -32,7 +35,8 @@ pub(crate) fn sync_file(
         instance: name.clone(),
         message,
     };
-    let meta = std::fs::metadata(&src.path).map_err(|e| file_err(format!("cannot read {}: {e}", src.path.display())))?;
+    let meta = std::fs::metadata(&src.path)
+        .map_err(|e| file_err(format!("cannot read {}: {e}", src.path.display())))?;
     let stamp = FileStamp {
         len: meta.len(),
         modified_ns: meta
@@ -57,7 +61,8 @@ pub(crate) fn sync_file(
         }
         _ => (0, conn.0.clock.now()),
     };
-    let f = std::fs::File::open(&src.path).map_err(|e| file_err(format!("cannot open {}: {e}", src.path.display())))?;
+    let f = std::fs::File::open(&src.path)
+        .map_err(|e| file_err(format!("cannot open {}: {e}", src.path.display())))?;
     let reader = std::io::BufReader::with_capacity(1 << 20, f);
     let records: Box<dyn Iterator<Item = Record>> = match src.format {
         Format::Jsonl => Box::new(jsonl_records(reader)),
@@ -87,7 +92,11 @@ pub(crate) fn sync_file(
         for (place, r) in page.drain(..) {
             match r {
                 Ok(mut c) => {
-                    let email = c.attributes.get("email").and_then(Value::as_str).map(str::to_string);
+                    let email = c
+                        .attributes
+                        .get("email")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
                     c.id = resolver
                         .resolve_id(c.id.clone(), email.as_deref(), &c.attributes)
                         .map_err(|e| ConnectorError::store(&name, e))?;
@@ -98,7 +107,7 @@ pub(crate) fn sync_file(
         }
         let new_state = SyncState {
             since: None,
-            run: (!done).then(|| RunState {
+            run: (!done).then_some(RunState {
                 started,
                 incremental: false,
                 query_since: None,
@@ -141,7 +150,9 @@ fn jsonl_records(reader: impl BufRead) -> impl Iterator<Item = Record> {
 }
 
 fn csv_records(reader: impl BufRead) -> Result<impl Iterator<Item = Record>, String> {
-    let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(reader);
+    let mut rdr = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_reader(reader);
     let headers: Vec<String> = rdr
         .headers()
         .map_err(|e| format!("reading CSV: {e}"))?
@@ -153,16 +164,20 @@ fn csv_records(reader: impl BufRead) -> Result<impl Iterator<Item = Record>, Str
     };
     Ok(rdr.into_records().map(move |rec| match rec {
         Err(e) => {
-            let place = e.position().map_or("a CSV row".to_string(), |p| format!("line {}", p.line()));
+            let place = e
+                .position()
+                .map_or("a CSV row".to_string(), |p| format!("line {}", p.line()));
             (place, Err(e.to_string()))
         }
         Ok(rec) => {
-            let place = rec.position().map_or("a CSV row".to_string(), |p| format!("line {}", p.line()));
+            let place = rec
+                .position()
+                .map_or("a CSV row".to_string(), |p| format!("line {}", p.line()));
             let mut m = Map::new();
             for (i, cell) in rec.iter().enumerate() {
                 if i == id_col {
                     m.insert("id".into(), Value::String(cell.trim().to_string()));
-                } else if let Some(v) = csv_value(cell) {
+                } else if let Some(v) = crate::import::csv_value(cell) {
                     m.insert(headers[i].clone(), v);
                 }
             }
@@ -171,42 +186,18 @@ fn csv_records(reader: impl BufRead) -> Result<impl Iterator<Item = Record>, Str
     }))
 }
 
-/// A CSV cell as a JSON value, by the same rules as `klantreis import` (which keeps
-/// its version private): integers, floats and booleans are typed, empty cells are
-/// left out, everything else is a string.
-fn csv_value(cell: &str) -> Option<Value> {
-    let s = cell.trim();
-    if s.is_empty() {
-        return None;
-    }
-    if let Ok(i) = s.parse::<i64>() {
-        if !(s.len() > 1 && s.starts_with('0')) {
-            return Some(Value::from(i));
-        }
-    }
-    if let Ok(f) = s.parse::<f64>() {
-        if f.is_finite() && s.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E')) {
-            return Some(Value::from(f));
-        }
-    }
-    match s.to_ascii_lowercase().as_str() {
-        "true" => Some(Value::Bool(true)),
-        "false" => Some(Value::Bool(false)),
-        _ => Some(Value::String(s.to_string())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn csv_rows_become_import_records() {
-        let text = "id,email,orders_count,consent_email\nc1,A@b.nl,2,true\n,x@y.z,1,false\n";
+        let text = "id,email,orders_count,consent_email,phone\nc1,A@b.nl,2,true,0612345678\n,x@y.z,1,false,\n";
         let recs: Vec<Record> = csv_records(std::io::Cursor::new(text)).unwrap().collect();
         let c = recs[0].1.as_ref().unwrap();
         assert_eq!(c.id, "c1");
         assert_eq!(c.attributes["orders_count"], serde_json::json!(2));
+        assert_eq!(c.attributes["phone"], serde_json::json!("0612345678"));
         assert!(recs[1].1.is_err(), "a row without id is reported");
         assert_eq!(recs[1].0, "line 3");
         assert!(csv_records(std::io::Cursor::new("email\nx\n")).is_err());

@@ -99,7 +99,8 @@ impl Http {
             .pool_max_idle_per_host(settings.max_concurrency.max(1))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        let interval = (settings.rate_per_sec > 0.0).then(|| Duration::from_secs_f64(1.0 / settings.rate_per_sec));
+        let interval = (settings.rate_per_sec > 0.0)
+            .then(|| Duration::from_secs_f64(1.0 / settings.rate_per_sec));
         Ok(Http {
             instance: instance.to_string(),
             vendor: vendor.to_string(),
@@ -135,7 +136,9 @@ impl Http {
     }
 
     fn backoff(&self, attempt: u32, base: Duration) -> Duration {
-        let exp = base.saturating_mul(1u32 << attempt.min(16)).min(self.settings.retry_max);
+        let exp = base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.settings.retry_max);
         // "Equal jitter": at least half the backoff, so retries stay spread out but
         // never hammer the server right away.
         let half = exp / 2;
@@ -144,7 +147,11 @@ impl Http {
 
     /// `Retry-After` in seconds or as an HTTP date.
     fn retry_after(&self, headers: &HeaderMap) -> Option<Duration> {
-        let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+        let v = headers
+            .get(reqwest::header::RETRY_AFTER)?
+            .to_str()
+            .ok()?
+            .trim();
         if let Ok(secs) = v.parse::<f64>() {
             return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
         }
@@ -171,13 +178,19 @@ impl Http {
             rb = rb.header(k, v);
         }
         if let Some((ct, body)) = &req.body {
-            rb = rb.header(reqwest::header::CONTENT_TYPE, ct.as_str()).body(body.clone());
+            rb = rb
+                .header(reqwest::header::CONTENT_TYPE, ct.as_str())
+                .body(body.clone());
         }
         let resp = rb.send().await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.bytes().await?.to_vec();
-        Ok(HttpResponse { status, headers, body })
+        Ok(HttpResponse {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// Sends a request, retrying as the module docs say.
@@ -186,7 +199,11 @@ impl Http {
         let mut attempt = 0u32;
         loop {
             let result = {
-                let _permit = self.sem.acquire().await.expect("the semaphore is never closed");
+                let _permit = self
+                    .sem
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed");
                 self.pace().await;
                 self.requests.fetch_add(1, Ordering::Relaxed);
                 self.send_once(req).await
@@ -229,7 +246,9 @@ impl Http {
                         None => self.backoff(attempt, base),
                     }
                 }
-                Ok(r) if r.status >= 500 && req.idempotent && can_retry => self.backoff(attempt, self.settings.retry_base),
+                Ok(r) if r.status >= 500 && req.idempotent && can_retry => {
+                    self.backoff(attempt, self.settings.retry_base)
+                }
                 Ok(r) => {
                     return Err(ConnectorError::Status {
                         instance: self.instance.clone(),
@@ -305,7 +324,9 @@ pub fn link_next(headers: &HeaderMap) -> Option<String> {
         let Ok(s) = value.to_str() else { continue };
         let mut rest = s;
         while let Some(open) = rest.find('<') {
-            let Some(close) = rest[open..].find('>') else { break };
+            let Some(close) = rest[open..].find('>') else {
+                break;
+            };
             let url = &rest[open + 1..open + close];
             let after = &rest[open + close + 1..];
             // This link's params run up to the comma before the next `<`.
@@ -319,7 +340,11 @@ pub fn link_next(headers: &HeaderMap) -> Option<String> {
             let is_next = params.split(';').any(|p| {
                 let p = p.trim();
                 p.strip_prefix("rel=")
-                    .map(|r| r.trim_matches('"').split_whitespace().any(|r| r.eq_ignore_ascii_case("next")))
+                    .map(|r| {
+                        r.trim_matches('"')
+                            .split_whitespace()
+                            .any(|r| r.eq_ignore_ascii_case("next"))
+                    })
                     .unwrap_or(false)
             });
             if is_next {
@@ -338,7 +363,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -353,7 +381,10 @@ mod tests {
             link_next(&h).unwrap(),
             "https://s.myshopify.com/admin/api/2024-10/customers.json?limit=2&page_info=abc"
         );
-        let h = headers(&[("link", r#"<https://x/?page=1>; rel="prev", <https://x/?page=3>; rel="next""#)]);
+        let h = headers(&[(
+            "link",
+            r#"<https://x/?page=1>; rel="prev", <https://x/?page=3>; rel="next""#,
+        )]);
         assert_eq!(link_next(&h).unwrap(), "https://x/?page=3");
         let h = headers(&[("link", r#"<https://x/?page=1>; rel="prev""#)]);
         assert_eq!(link_next(&h), None);
@@ -382,9 +413,15 @@ mod tests {
             clock,
         )
         .unwrap();
-        assert_eq!(http.retry_after(&headers(&[("retry-after", "2")])), Some(Duration::from_secs(2)));
         assert_eq!(
-            http.retry_after(&headers(&[("retry-after", "Wed, 21 Oct 2015 07:28:05 GMT")])),
+            http.retry_after(&headers(&[("retry-after", "2")])),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            http.retry_after(&headers(&[(
+                "retry-after",
+                "Wed, 21 Oct 2015 07:28:05 GMT"
+            )])),
             Some(Duration::from_secs(5))
         );
         assert_eq!(http.retry_after(&headers(&[])), None);

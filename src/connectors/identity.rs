@@ -39,7 +39,12 @@ pub(crate) struct Resolver<'a> {
 }
 
 impl<'a> Resolver<'a> {
-    pub fn new(store: &'a dyn Store, join: &'a Join, id_attribute: Option<String>, tags_attribute: String) -> Self {
+    pub fn new(
+        store: &'a dyn Store,
+        join: &'a Join,
+        id_attribute: Option<String>,
+        tags_attribute: String,
+    ) -> Self {
         Self {
             store,
             join,
@@ -64,7 +69,10 @@ impl<'a> Resolver<'a> {
         attributes: &Map<String, Value>,
     ) -> Result<String, StoreError> {
         let id = match self.join {
-            Join::Email => match email.map(crate::store::normalize_email).filter(|e| !e.is_empty()) {
+            Join::Email => match email
+                .map(crate::store::normalize_email)
+                .filter(|e| !e.is_empty())
+            {
                 Some(e) => match self.page_emails.get(&e) {
                     Some(id) => id.clone(),
                     None => {
@@ -112,7 +120,8 @@ impl<'a> Resolver<'a> {
             union.sort();
             union.dedup();
             c.attributes.insert("tags".into(), strings(&union));
-            c.attributes.insert(self.tags_attribute.clone(), strings(&tags));
+            c.attributes
+                .insert(self.tags_attribute.clone(), strings(&tags));
             self.page_tags.insert(c.id.clone(), (union, tags));
         }
         Ok(c)
@@ -127,7 +136,11 @@ fn strings(v: &[String]) -> Value {
 fn tag_values(v: Option<&Value>) -> Vec<String> {
     match v {
         Some(Value::Array(a)) => a.iter().filter_map(scalar_string).collect(),
-        Some(Value::String(s)) => s.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
+        Some(Value::String(s)) => s
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -151,28 +164,62 @@ mod tests {
     fn joins_on_email_and_keeps_each_sources_id_and_tags() {
         let store = SledStore::temporary().unwrap();
         let join = Join::Email;
-        let mut hub = Resolver::new(&store, &join, Some("hubspot_id".into()), "hubspot_tags".into());
-        let c = hub.customer("crm", mapped("151", Some("ann@example.com"), None)).unwrap();
+        let mut hub = Resolver::new(
+            &store,
+            &join,
+            Some("hubspot_id".into()),
+            "hubspot_tags".into(),
+        );
+        let c = hub
+            .customer("crm", mapped("151", Some("ann@example.com"), None))
+            .unwrap();
         assert_eq!(c.id, "crm:151");
         // The same email later on the same page joins before anything is stored.
-        let c2 = hub.customer("crm", mapped("152", Some("ann@example.com"), None)).unwrap();
+        let c2 = hub
+            .customer("crm", mapped("152", Some("ann@example.com"), None))
+            .unwrap();
         assert_eq!(c2.id, "crm:151");
         store.merge_customers(vec![c]).unwrap();
 
-        let mut mc = Resolver::new(&store, &join, Some("mailchimp_id".into()), "mailchimp_tags".into());
-        let c = mc.customer("news", mapped("62ee", Some("ann@example.com"), Some(&["VIP", "b"]))).unwrap();
+        let mut mc = Resolver::new(
+            &store,
+            &join,
+            Some("mailchimp_id".into()),
+            "mailchimp_tags".into(),
+        );
+        let c = mc
+            .customer(
+                "news",
+                mapped("62ee", Some("ann@example.com"), Some(&["VIP", "b"])),
+            )
+            .unwrap();
         assert_eq!(c.id, "crm:151");
         assert_eq!(c.attributes["tags"], json!(["VIP", "b"]));
         store.merge_customers(vec![c]).unwrap();
 
-        let mut shop = Resolver::new(&store, &join, Some("shopify_id".into()), "shopify_tags".into());
-        let c = shop.customer("shop", mapped("7064", Some("ann@example.com"), Some(&["a"]))).unwrap();
+        let mut shop = Resolver::new(
+            &store,
+            &join,
+            Some("shopify_id".into()),
+            "shopify_tags".into(),
+        );
+        let c = shop
+            .customer(
+                "shop",
+                mapped("7064", Some("ann@example.com"), Some(&["a"])),
+            )
+            .unwrap();
         assert_eq!(c.attributes["tags"], json!(["VIP", "a", "b"]));
         store.merge_customers(vec![c]).unwrap();
 
         // Mailchimp drops "VIP": it leaves the union; Shopify's "a" stays.
         mc.begin_page();
-        let c = mc.customer("news", mapped("62ee", Some("ann@example.com"), Some(&["b"]))).unwrap();
+        let c = mc
+            .customer(
+                "news",
+                mapped("62ee", Some("ann@example.com"), Some(&["b"])),
+            )
+            .unwrap();
         assert_eq!(c.attributes["tags"], json!(["a", "b"]));
         store.merge_customers(vec![c]).unwrap();
 
@@ -188,7 +235,12 @@ mod tests {
         let store = SledStore::temporary().unwrap();
         let none = Join::None;
         let mut r = Resolver::new(&store, &none, None, "x_tags".into());
-        assert_eq!(r.customer("crm", mapped("9", Some("a@b.c"), None)).unwrap().id, "crm:9");
+        assert_eq!(
+            r.customer("crm", mapped("9", Some("a@b.c"), None))
+                .unwrap()
+                .id,
+            "crm:9"
+        );
         let by_ext = Join::Attribute("external_id".into());
         let mut r = Resolver::new(&store, &by_ext, None, "x_tags".into());
         let mut m = mapped("9", None, None);
@@ -196,6 +248,9 @@ mod tests {
         assert_eq!(r.customer("crm", m).unwrap().id, "external_id:42");
         let email = Join::Email;
         let mut r = Resolver::new(&store, &email, None, "x_tags".into());
-        assert_eq!(r.customer("crm", mapped("10", None, None)).unwrap().id, "crm:10");
+        assert_eq!(
+            r.customer("crm", mapped("10", None, None)).unwrap().id,
+            "crm:10"
+        );
     }
 }

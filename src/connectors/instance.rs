@@ -3,7 +3,7 @@
 //! rendered, the HTTP client built. Building does no I/O, so `klantreis check`
 //! builds every instance to find missing variables and bad values.
 
-use super::definition::{Auth, Definition, Kind, KeyType, LookupError, Registry};
+use super::definition::{Auth, Definition, KeyType, Kind, LookupError, Registry};
 use super::http::{Http, HttpSettings, Outgoing};
 use super::secret::{env_vars_in, Secret};
 use super::ConnectorError;
@@ -93,7 +93,10 @@ pub(crate) fn key_problems(inst: &ConnectorInstanceConfig, def: &Definition) -> 
         if let Some((_, ty)) = engine.iter().find(|(e, _)| e == k) {
             let ok = match ty {
                 KeyType::Str => s.value.is_str(),
-                KeyType::Number => s.value.as_float().map_or(s.value.as_integer().is_some(), |f| f >= 0.0),
+                KeyType::Number => s
+                    .value
+                    .as_float()
+                    .map_or(s.value.as_integer().is_some(), |f| f >= 0.0),
                 KeyType::Int => s.value.as_integer().is_some_and(|i| i >= 0),
                 KeyType::Bool => s.value.is_bool(),
             };
@@ -109,9 +112,15 @@ pub(crate) fn key_problems(inst: &ConnectorInstanceConfig, def: &Definition) -> 
         } else if def.params.contains_key(k) {
             if !matches!(
                 s.value,
-                toml::Value::String(_) | toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)
+                toml::Value::String(_)
+                    | toml::Value::Integer(_)
+                    | toml::Value::Float(_)
+                    | toml::Value::Boolean(_)
             ) {
-                out.push((at, format!("`{k}` must be a string (use \"${{VAR}}\" for credentials)")));
+                out.push((
+                    at,
+                    format!("`{k}` must be a string (use \"${{VAR}}\" for credentials)"),
+                ));
             }
         } else {
             let mut known: Vec<&str> = def.params.keys().map(String::as_str).collect();
@@ -128,21 +137,34 @@ pub(crate) fn key_problems(inst: &ConnectorInstanceConfig, def: &Definition) -> 
     }
     for (name, p) in &def.params {
         if p.required && !inst.settings.contains_key(name) {
-            let help = if p.help.is_empty() { String::new() } else { format!(": {}", p.help) };
-            out.push((inst.at, format!("connector {:?} needs `{name}`{help}", inst.name)));
+            let help = if p.help.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", p.help)
+            };
+            out.push((
+                inst.at,
+                format!("connector {:?} needs `{name}`{help}", inst.name),
+            ));
         }
     }
     if def.kind == Kind::Http && def.base_url.is_none() && !inst.settings.contains_key("base_url") {
         out.push((
             inst.at,
-            format!("connector {:?} needs `base_url` ({} has no fixed address)", inst.name, def.name),
+            format!(
+                "connector {:?} needs `base_url` ({} has no fixed address)",
+                inst.name, def.name
+            ),
         ));
     }
     out
 }
 
 /// Looks up an instance's definition, as a problem at its `type` when that fails.
-pub(crate) fn definition_for(inst: &ConnectorInstanceConfig, registry: &Registry) -> Result<Arc<Definition>, Problem> {
+pub(crate) fn definition_for(
+    inst: &ConnectorInstanceConfig,
+    registry: &Registry,
+) -> Result<Arc<Definition>, Problem> {
     registry.get(&inst.kind).map_err(|e| match e {
         LookupError::Unknown { known } => (
             inst.kind_at,
@@ -180,9 +202,11 @@ impl Connector {
         base_dir: &Path,
         clock: SharedClock,
     ) -> Result<Connector, ConnectorError> {
-        Self::try_build(inst, registry, base_dir, clock).map_err(|problems| ConnectorError::Config {
-            instance: inst.name.clone(),
-            problems: problems.into_iter().map(|(_, m)| m).collect(),
+        Self::try_build(inst, registry, base_dir, clock).map_err(|problems| {
+            ConnectorError::Config {
+                instance: inst.name.clone(),
+                problems: problems.into_iter().map(|(_, m)| m).collect(),
+            }
         })
     }
 
@@ -198,7 +222,11 @@ impl Connector {
             return Err(problems);
         }
         let get = |k: &str| inst.settings.get(k).map(|s| &s.value);
-        let int = |k: &str, default: u64| get(k).and_then(toml::Value::as_integer).map_or(default, |i| i as u64);
+        let int = |k: &str, default: u64| {
+            get(k)
+                .and_then(toml::Value::as_integer)
+                .map_or(default, |i| i as u64)
+        };
 
         // Params: instance value or default, `${VAR}`s expanded. The error names the
         // variable, never a value.
@@ -226,7 +254,10 @@ impl Connector {
                 } else {
                     format!(
                         "`{name}` (from {})",
-                        vars.iter().map(|v| format!("${{{v}}}")).collect::<Vec<_>>().join(", ")
+                        vars.iter()
+                            .map(|v| format!("${{{v}}}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )
                 });
                 if value.trim().is_empty() && p.required {
@@ -237,6 +268,11 @@ impl Connector {
                 params.insert(name.clone(), ParamValue::Plain(value));
             }
         }
+        // Nothing below is meaningful without the params (a missing variable would
+        // show up again as an undefined template value).
+        if !problems.is_empty() {
+            return Err(problems);
+        }
         let page_size = match (int("page_size", 0), def.pull.as_ref()) {
             (0, Some(p)) => p.page_size,
             (0, None) => 1000,
@@ -244,7 +280,11 @@ impl Connector {
                 let s = &inst.settings["page_size"];
                 problems.push((
                     (s.line, s.column),
-                    format!("page_size {n} is above {}'s maximum of {}", def.name, p.max_page_size.unwrap_or(0)),
+                    format!(
+                        "page_size {n} is above {}'s maximum of {}",
+                        def.name,
+                        p.max_page_size.unwrap_or(0)
+                    ),
                 ));
                 n
             }
@@ -253,26 +293,51 @@ impl Connector {
         let join = match get("join").and_then(toml::Value::as_str) {
             None | Some("email") => Join::Email,
             Some("none") => Join::None,
-            Some(a) if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+            Some(a)
+                if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
                 Join::Attribute(a.to_string())
             }
             Some(a) => {
                 let s = &inst.settings["join"];
-                problems.push(((s.line, s.column), format!("join {a:?} must be \"email\", \"none\" or an attribute name")));
+                problems.push((
+                    (s.line, s.column),
+                    format!("join {a:?} must be \"email\", \"none\" or an attribute name"),
+                ));
                 Join::Email
             }
         };
-        let prefix = get("prefix").and_then(toml::Value::as_str).unwrap_or(&def.name).to_string();
-        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            let at = inst.settings.get("prefix").map_or(inst.at, |s| (s.line, s.column));
-            problems.push((at, format!("prefix {prefix:?} must be letters, digits and '_'")));
+        let prefix = get("prefix")
+            .and_then(toml::Value::as_str)
+            .unwrap_or(&def.name)
+            .to_string();
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            let at = inst
+                .settings
+                .get("prefix")
+                .map_or(inst.at, |s| (s.line, s.column));
+            problems.push((
+                at,
+                format!("prefix {prefix:?} must be letters, digits and '_'"),
+            ));
         }
         let pull = get("pull")
             .and_then(toml::Value::as_bool)
             .unwrap_or(def.pull.is_some() || def.kind == Kind::File);
-        if pull && def.kind == Kind::Http && def.pull.is_none() && inst.settings.contains_key("pull") {
+        if pull
+            && def.kind == Kind::Http
+            && def.pull.is_none()
+            && inst.settings.contains_key("pull")
+        {
             let s = &inst.settings["pull"];
-            problems.push(((s.line, s.column), format!("{} has no [pull] section; it only sends", def.name)));
+            problems.push((
+                (s.line, s.column),
+                format!("{} has no [pull] section; it only sends", def.name),
+            ));
         }
 
         let mut file = None;
@@ -281,13 +346,19 @@ impl Connector {
         if def.kind == Kind::File {
             if let Some(p) = params.get("path") {
                 let path = base_dir.join(p.expose());
-                let format = match params.get("format").map(|f| f.expose().to_ascii_lowercase()) {
+                let format = match params
+                    .get("format")
+                    .map(|f| f.expose().to_ascii_lowercase())
+                {
                     Some(f) if f == "csv" => crate::import::Format::Csv,
                     Some(f) if f == "jsonl" || f == "json" => crate::import::Format::Jsonl,
-                    Some(f) if f.is_empty() || f == "auto" => crate::import::Format::from_path(p.expose()),
+                    Some(f) if f.is_empty() || f == "auto" => {
+                        crate::import::Format::from_path(p.expose())
+                    }
                     None => crate::import::Format::from_path(p.expose()),
                     Some(f) => {
-                        problems.push((inst.at, format!("format {f:?} must be jsonl, csv or auto")));
+                        problems
+                            .push((inst.at, format!("format {f:?} must be jsonl, csv or auto")));
                         crate::import::Format::Jsonl
                     }
                 };
@@ -329,25 +400,35 @@ impl Connector {
             };
             if let Some((b, at)) = base {
                 match Url::parse(b.trim()) {
-                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => base_url = Some(u),
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                        base_url = Some(u)
+                    }
                     _ => problems.push((at, format!("base_url {b:?} is not an http(s) URL"))),
                 }
             }
             let mut fixed: Vec<(HeaderName, HeaderValue)> = Vec::new();
-            let mut header = |name: &str, value: String, problems: &mut Vec<Problem>| {
-                match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value.trim())) {
-                    (Ok(n), Ok(mut v)) => {
-                        v.set_sensitive(true);
-                        fixed.push((n, v));
-                    }
-                    _ => problems.push((inst.at, format!("header {name}: the value is not a valid header value"))),
+            let mut header = |name: &str, value: String, problems: &mut Vec<Problem>| match (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value.trim()),
+            ) {
+                (Ok(n), Ok(mut v)) => {
+                    v.set_sensitive(true);
+                    fixed.push((n, v));
                 }
+                _ => problems.push((
+                    inst.at,
+                    format!("header {name}: the value is not a valid header value"),
+                )),
             };
             match &def.auth {
                 Auth::None => {}
                 Auth::Bearer { token } => {
                     if let Some(t) = render(token, "auth.token", &mut problems) {
-                        header("authorization", format!("Bearer {}", t.trim()), &mut problems);
+                        header(
+                            "authorization",
+                            format!("Bearer {}", t.trim()),
+                            &mut problems,
+                        );
                     }
                 }
                 Auth::Basic { username, password } => {
@@ -356,7 +437,11 @@ impl Connector {
                         render(password, "auth.password", &mut problems),
                     ) {
                         use base64::Engine;
-                        let enc = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", u.trim(), p.trim()));
+                        let enc = base64::engine::general_purpose::STANDARD.encode(format!(
+                            "{}:{}",
+                            u.trim(),
+                            p.trim()
+                        ));
                         header("authorization", format!("Basic {enc}"), &mut problems);
                     }
                 }
@@ -391,7 +476,15 @@ impl Connector {
             } else {
                 credential.join(" and ")
             };
-            match Http::new(&inst.name, &def.name, fixed, settings, def.rate_limit.clone(), credential, clock.clone()) {
+            match Http::new(
+                &inst.name,
+                &def.name,
+                fixed,
+                settings,
+                def.rate_limit.clone(),
+                credential,
+                clock.clone(),
+            ) {
                 Ok(h) => http = Some(h),
                 Err(e) => problems.push((inst.at, e)),
             }
@@ -409,7 +502,9 @@ impl Connector {
             join,
             prefix,
             pull,
-            overlap_secs: get("overlap_secs").and_then(toml::Value::as_integer).map(|i| i as u64),
+            overlap_secs: get("overlap_secs")
+                .and_then(toml::Value::as_integer)
+                .map(|i| i as u64),
             clock,
             file,
         })))
@@ -461,16 +556,27 @@ impl Connector {
     }
 
     /// Renders a template of the definition, naming the instance in errors.
-    pub(crate) fn render(&self, template: &str, ctx: &minijinja::Value) -> Result<String, ConnectorError> {
-        self.0.def.render(template, ctx).map_err(|message| ConnectorError::Template {
-            instance: self.0.name.clone(),
-            message: format!("{template}: {message}"),
-        })
+    pub(crate) fn render(
+        &self,
+        template: &str,
+        ctx: &minijinja::Value,
+    ) -> Result<String, ConnectorError> {
+        self.0
+            .def
+            .render(template, ctx)
+            .map_err(|message| ConnectorError::Template {
+                instance: self.0.name.clone(),
+                message: format!("{template}: {message}"),
+            })
     }
 
     /// The URL of a path (relative to the base URL, or absolute) with query pairs;
     /// pairs whose value rendered empty are left out.
-    pub(crate) fn url(&self, path: &str, query: &[(String, String)]) -> Result<Url, ConnectorError> {
+    pub(crate) fn url(
+        &self,
+        path: &str,
+        query: &[(String, String)],
+    ) -> Result<Url, ConnectorError> {
         let bad = |message: String| ConnectorError::Template {
             instance: self.0.name.clone(),
             message,
@@ -501,7 +607,9 @@ impl Connector {
     /// another origin is moved onto the base URL's scheme, host and port (APIs
     /// behind proxies build links from their internal host name).
     fn same_origin(&self, mut u: Url) -> Url {
-        let Some(base) = &self.0.base_url else { return u };
+        let Some(base) = &self.0.base_url else {
+            return u;
+        };
         if u.origin() != base.origin() {
             tracing::debug!(instance = %self.0.name, "a next-page link points at another host; using the base URL's host");
             let _ = u.set_scheme(base.scheme());
@@ -527,10 +635,11 @@ impl Connector {
                 instance: self.0.name.clone(),
                 message: format!("header {name}: not a valid header value"),
             })?;
-            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| ConnectorError::Template {
-                instance: self.0.name.clone(),
-                message: format!("{name:?} is not a header name"),
-            })?;
+            let name =
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| ConnectorError::Template {
+                    instance: self.0.name.clone(),
+                    message: format!("{name:?} is not a header name"),
+                })?;
             out.push((name, value));
         }
         Ok(out)
@@ -539,11 +648,17 @@ impl Connector {
     pub(crate) fn http(&self) -> Result<&Http, ConnectorError> {
         self.0.http.as_ref().ok_or_else(|| ConnectorError::Config {
             instance: self.0.name.clone(),
-            problems: vec![format!("{} connectors make no HTTP requests", self.0.def.name)],
+            problems: vec![format!(
+                "{} connectors make no HTTP requests",
+                self.0.def.name
+            )],
         })
     }
 
-    pub(crate) async fn execute(&self, req: &Outgoing) -> Result<super::http::HttpResponse, ConnectorError> {
+    pub(crate) async fn execute(
+        &self,
+        req: &Outgoing,
+    ) -> Result<super::http::HttpResponse, ConnectorError> {
         self.http()?.execute(req).await
     }
 }

@@ -115,13 +115,16 @@ impl Mapping {
         let env = expression_env();
         let id = field(&raw.id, "id", &env, p);
         let email = raw.email.as_ref().and_then(|f| field(f, "email", &env, p));
-        let updated = raw.updated.as_ref().and_then(|u| match JsonPath::parse(u.get_ref()) {
-            Ok(path) => Some(path),
-            Err(e) => {
-                p.at(u.span().start, format!("updated: {e}"));
-                None
-            }
-        });
+        let updated = raw
+            .updated
+            .as_ref()
+            .and_then(|u| match JsonPath::parse(u.get_ref()) {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    p.at(u.span().start, format!("updated: {e}"));
+                    None
+                }
+            });
         let mut attributes = Vec::new();
         for (name, f) in &raw.attributes {
             if RESERVED_ATTRIBUTES.contains(&name.as_str()) || name == "email" || name == "tags" {
@@ -142,13 +145,16 @@ impl Mapping {
             }
         }
         let tags = raw.tags.as_ref().and_then(|f| field(f, "tags", &env, p));
-        let skip = raw.skip.as_ref().and_then(|s| match env.compile_expression(s.get_ref()) {
-            Ok(_) => Some(s.get_ref().clone()),
-            Err(e) => {
-                p.at(s.span().start, format!("skip: bad expression: {e}"));
-                None
-            }
-        });
+        let skip = raw
+            .skip
+            .as_ref()
+            .and_then(|s| match env.compile_expression(s.get_ref()) {
+                Ok(_) => Some(s.get_ref().clone()),
+                Err(e) => {
+                    p.at(s.span().start, format!("skip: bad expression: {e}"));
+                    None
+                }
+            });
         if p.list.len() > before {
             return None;
         }
@@ -183,7 +189,12 @@ impl Mapping {
     }
 }
 
-fn field(v: &Spanned<toml::Value>, what: &str, env: &minijinja::Environment<'_>, p: &mut Problems<'_>) -> Option<Field> {
+fn field(
+    v: &Spanned<toml::Value>,
+    what: &str,
+    env: &minijinja::Environment<'_>,
+    p: &mut Problems<'_>,
+) -> Option<Field> {
     let at = v.span().start;
     let path = |s: &str, p: &mut Problems<'_>| match JsonPath::parse(s) {
         Ok(path) => Some(Source::Path(path)),
@@ -257,7 +268,10 @@ fn field(v: &Spanned<toml::Value>, what: &str, env: &minijinja::Environment<'_>,
             })
         }
         _ => {
-            p.at(at, format!("{what}: expected a path string or a table {{ path | expr, type, split }}"));
+            p.at(
+                at,
+                format!("{what}: expected a path string or a table {{ path | expr, type, split }}"),
+            );
             None
         }
     }
@@ -271,11 +285,18 @@ pub struct Mapper<'env> {
 }
 
 impl<'env> Mapper<'env> {
-    pub fn new(mapping: &'env Mapping, env: &'env minijinja::Environment<'static>) -> Result<Self, String> {
+    pub fn new(
+        mapping: &'env Mapping,
+        env: &'env minijinja::Environment<'static>,
+    ) -> Result<Self, String> {
         let exprs = mapping
             .expressions()
             .into_iter()
-            .map(|src| env.compile_expression(src).map(|e| (src, e)).map_err(|e| e.to_string()))
+            .map(|src| {
+                env.compile_expression(src)
+                    .map(|e| (src, e))
+                    .map_err(|e| e.to_string())
+            })
             .collect::<Result<_, _>>()?;
         Ok(Mapper { mapping, exprs })
     }
@@ -290,14 +311,21 @@ impl<'env> Mapper<'env> {
             .iter()
             .find(|(s, _)| *s == src)
             .expect("every expression is compiled in Mapper::new");
-        let v = expr.eval(ctx).map_err(|e| format!("expression {src:?}: {e}"))?;
+        let v = expr
+            .eval(ctx)
+            .map_err(|e| format!("expression {src:?}: {e}"))?;
         if v.is_undefined() || v.is_none() {
             return Ok(Value::Null);
         }
         serde_json::to_value(&v).map_err(|e| format!("expression {src:?}: {e}"))
     }
 
-    fn read(&self, f: &Field, record: &Value, ctx: &mut Option<minijinja::Value>) -> Result<Value, String> {
+    fn read(
+        &self,
+        f: &Field,
+        record: &Value,
+        ctx: &mut Option<minijinja::Value>,
+    ) -> Result<Value, String> {
         let raw = match &f.source {
             Source::Path(p) => p.get(record).cloned().unwrap_or(Value::Null),
             Source::Expr(e) => {
@@ -320,7 +348,8 @@ impl<'env> Mapper<'env> {
         }
         let source_id = match self.read(&m.id, record, &mut ctx)? {
             Value::Null => return Err("the record has no id".into()),
-            v => scalar_string(&v).ok_or_else(|| format!("the record's id is not a string or number: {v}"))?,
+            v => scalar_string(&v)
+                .ok_or_else(|| format!("the record's id is not a string or number: {v}"))?,
         };
         if source_id.chars().any(char::is_control) {
             return Err("the record's id contains control characters".into());
@@ -342,7 +371,9 @@ impl<'env> Mapper<'env> {
         };
         let mut attributes = Map::new();
         for (name, f) in m.attributes.iter().chain(m.consent.iter()) {
-            let v = self.read(f, record, &mut ctx).map_err(|e| format!("{name}: {e}"))?;
+            let v = self
+                .read(f, record, &mut ctx)
+                .map_err(|e| format!("{name}: {e}"))?;
             // A value the source leaves empty is not written: a sync never deletes
             // what another source (or an import) put there.
             if !v.is_null() {
@@ -351,7 +382,10 @@ impl<'env> Mapper<'env> {
         }
         let tags = match &m.tags {
             None => None,
-            Some(f) => Some(tag_list(self.read(f, record, &mut ctx).map_err(|e| format!("tags: {e}"))?)?),
+            Some(f) => Some(tag_list(
+                self.read(f, record, &mut ctx)
+                    .map_err(|e| format!("tags: {e}"))?,
+            )?),
         };
         Ok(Some(Mapped {
             source_id,
@@ -376,12 +410,17 @@ fn truthy(v: &Value) -> bool {
 fn tag_list(v: Value) -> Result<Vec<String>, String> {
     let mut tags: Vec<String> = match v {
         Value::Null => Vec::new(),
-        Value::Array(a) => a
-            .into_iter()
-            .filter_map(|t| scalar_string(&t))
+        Value::Array(a) => a.into_iter().filter_map(|t| scalar_string(&t)).collect(),
+        Value::String(s) => s
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
             .collect(),
-        Value::String(s) => s.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
-        other => return Err(format!("tags must be a list or a comma-separated string, not {other}")),
+        other => {
+            return Err(format!(
+                "tags must be a list or a comma-separated string, not {other}"
+            ))
+        }
     };
     tags.sort();
     tags.dedup();
@@ -451,7 +490,9 @@ fn convert_scalar(v: Value, ty: ValueType) -> Result<Value, String> {
             if ty == ValueType::Integer {
                 match (n.as_i64(), n.as_f64()) {
                     (Some(i), _) => Ok(Value::from(i)),
-                    (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Value::from(f as i64)),
+                    (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                        Ok(Value::from(f as i64))
+                    }
                     _ => Err(format!("{v} is not a whole number")),
                 }
             } else {
@@ -558,8 +599,16 @@ mod tests {
             json!({"first_name": "Urist", "rating": 2, "spent": 12.5, "since": "2024-01-02T09:00:00Z",
                    "interests": ["a", "b"], "consent_email": true})
         );
-        assert_eq!(mapper.map(&json!({"id": "x", "status": "archived"})).unwrap(), None);
-        assert!(mapper.map(&json!({"email_address": "a@b.c"})).unwrap_err().contains("no id"));
+        assert_eq!(
+            mapper
+                .map(&json!({"id": "x", "status": "archived"}))
+                .unwrap(),
+            None
+        );
+        assert!(mapper
+            .map(&json!({"email_address": "a@b.c"}))
+            .unwrap_err()
+            .contains("no id"));
         assert!(mapper
             .map(&json!({"id": "1", "email_address": "not-an-address"}))
             .unwrap_err()
@@ -581,18 +630,42 @@ mod tests {
         };
         assert!(Mapping::parse(&raw, &mut p).is_none());
         let all: Vec<String> = p.list.iter().map(|d| d.to_string()).collect();
-        assert!(all.iter().any(|d| d.starts_with("t.toml:3:") && d.contains("reserved")), "{all:?}");
-        assert!(all.iter().any(|d| d.starts_with("t.toml:4:") && d.contains("bad expression")), "{all:?}");
-        assert!(all.iter().any(|d| d.starts_with("t.toml:5:") && d.contains("float")), "{all:?}");
+        assert!(
+            all.iter()
+                .any(|d| d.starts_with("t.toml:3:") && d.contains("reserved")),
+            "{all:?}"
+        );
+        assert!(
+            all.iter()
+                .any(|d| d.starts_with("t.toml:4:") && d.contains("bad expression")),
+            "{all:?}"
+        );
+        assert!(
+            all.iter()
+                .any(|d| d.starts_with("t.toml:5:") && d.contains("float")),
+            "{all:?}"
+        );
     }
 
     #[test]
     fn vendor_times() {
         let utc = |s: &str| crate::time::parse(s).unwrap();
-        assert_eq!(parse_time(&json!("2024-03-05T08:00:00.000Z")), Some(utc("2024-03-05T08:00:00Z")));
-        assert_eq!(parse_time(&json!("2017-03-22T19:28:08")), Some(utc("2017-03-22T19:28:08Z")));
-        assert_eq!(parse_time(&json!("1709251200000")), Some(utc("2024-03-01T00:00:00Z")));
-        assert_eq!(parse_time(&json!(1709251200)), Some(utc("2024-03-01T00:00:00Z")));
+        assert_eq!(
+            parse_time(&json!("2024-03-05T08:00:00.000Z")),
+            Some(utc("2024-03-05T08:00:00Z"))
+        );
+        assert_eq!(
+            parse_time(&json!("2017-03-22T19:28:08")),
+            Some(utc("2017-03-22T19:28:08Z"))
+        );
+        assert_eq!(
+            parse_time(&json!("1709251200000")),
+            Some(utc("2024-03-01T00:00:00Z"))
+        );
+        assert_eq!(
+            parse_time(&json!(1709251200)),
+            Some(utc("2024-03-01T00:00:00Z"))
+        );
         assert_eq!(parse_time(&json!("soon")), None);
     }
 }

@@ -45,8 +45,13 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
     #[error("{instance}: {}", problems.join("; "))]
-    Config { instance: String, problems: Vec<String> },
-    #[error("{instance}: {vendor} refused the credentials ({status} on {request}); check {credential}")]
+    Config {
+        instance: String,
+        problems: Vec<String>,
+    },
+    #[error(
+        "{instance}: {vendor} refused the credentials ({status} on {request}); check {credential}"
+    )]
     Auth {
         instance: String,
         vendor: String,
@@ -120,7 +125,11 @@ impl ConnectorError {
 
 /// Checks instances against their definitions (type, keys, value types, required
 /// params) for `Config::parse`; environment variables are checked by [`check`].
-pub fn validate_instances(file: &str, dir: &Path, instances: &[ConnectorInstanceConfig]) -> Vec<Diagnostic> {
+pub fn validate_instances(
+    file: &str,
+    dir: &Path,
+    instances: &[ConnectorInstanceConfig],
+) -> Vec<Diagnostic> {
     if instances.is_empty() {
         return Vec::new();
     }
@@ -149,7 +158,9 @@ pub fn check(config: &Config) -> Vec<Diagnostic> {
     let file = config.file.display().to_string();
     let clock = crate::clock::from_option(None);
     for inst in &config.connectors {
-        if let Err(problems) = Connector::try_build(inst, &registry, &config.base_dir, clock.clone()) {
+        if let Err(problems) =
+            Connector::try_build(inst, &registry, &config.base_dir, clock.clone())
+        {
             out.extend(problems.into_iter().map(|((line, column), m)| {
                 Diagnostic::new(&file, line, column, format!("connector {}: {m}", inst.name))
             }));
@@ -159,7 +170,10 @@ pub fn check(config: &Config) -> Vec<Diagnostic> {
 }
 
 /// Builds every configured instance; those that cannot be built come back as errors.
-pub fn build_all(config: &Config, clock: SharedClock) -> (Vec<Connector>, Vec<(String, ConnectorError)>) {
+pub fn build_all(
+    config: &Config,
+    clock: SharedClock,
+) -> (Vec<Connector>, Vec<(String, ConnectorError)>) {
     let registry = Registry::new(&config.connectors_dir);
     let mut ok = Vec::new();
     let mut bad = Vec::new();
@@ -191,7 +205,12 @@ pub async fn sync_all(
             None => {
                 return Err(ConnectorError::UnknownInstance {
                     name: n.to_string(),
-                    known: config.connectors.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+                    known: config
+                        .connectors
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 })
             }
         },
@@ -201,7 +220,7 @@ pub async fn sync_all(
         let conn = match Connector::build(inst, &registry, &config.base_dir, clock.clone()) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(instance = %inst.name, error = %e, "connector not usable");
+                tracing::info!(instance = %inst.name, error = %e, "connector not usable");
                 report.insert(inst.name.clone(), InstanceReport::failed(&e));
                 continue;
             }
@@ -210,7 +229,10 @@ pub async fn sync_all(
             if only.is_some() {
                 let e = ConnectorError::Config {
                     instance: inst.name.clone(),
-                    problems: vec![format!("a {} connector does not pull (it only sends)", conn.kind())],
+                    problems: vec![format!(
+                        "a {} connector does not pull (it only sends)",
+                        conn.kind()
+                    )],
                 };
                 report.insert(inst.name.clone(), InstanceReport::failed(&e));
             }
@@ -218,7 +240,9 @@ pub async fn sync_all(
         }
         report.insert(inst.name.clone(), sync(&conn, store, opts, progress).await);
     }
-    store.flush().map_err(|e| ConnectorError::store("sync", e))?;
+    store
+        .flush()
+        .map_err(|e| ConnectorError::store("sync", e))?;
     Ok(report)
 }
 
@@ -285,8 +309,14 @@ async fn online_one(c: &Connector) -> OnlineCheck {
     if def.kind == definition::Kind::File {
         let path = &c.0.file.as_ref().expect("file connectors have a path").path;
         return match std::fs::metadata(path) {
-            Ok(m) => result(true, format!("{} is readable ({} bytes)", path.display(), m.len())),
-            Err(e) => result(false, format!("{}: cannot read {}: {e}", c.name(), path.display())),
+            Ok(m) => result(
+                true,
+                format!("{} is readable ({} bytes)", path.display(), m.len()),
+            ),
+            Err(e) => result(
+                false,
+                format!("{}: cannot read {}: {e}", c.name(), path.display()),
+            ),
         };
     }
     let run = sync::RunState {
@@ -315,7 +345,13 @@ async fn online_one(c: &Connector) -> OnlineCheck {
     } else if let Some(pull) = &def.pull {
         sync::list_request(c, &pull.full, &run, 1)
     } else {
-        return result(true, format!("nothing to check without sending (a {} connector has no [check])", def.name));
+        return result(
+            true,
+            format!(
+                "nothing to check without sending (a {} connector has no [check])",
+                def.name
+            ),
+        );
     };
     let req = match req {
         Ok(r) => r,
@@ -325,7 +361,12 @@ async fn online_one(c: &Connector) -> OnlineCheck {
     match c.execute(&req).await {
         Ok(r) => result(
             true,
-            format!("{} answered {} in {} ms", req.describe(), r.status, started.elapsed().as_millis()),
+            format!(
+                "{} answered {} in {} ms",
+                req.describe(),
+                r.status,
+                started.elapsed().as_millis()
+            ),
         ),
         Err(e) => result(false, e.to_string()),
     }

@@ -5,8 +5,8 @@
 //! params and `now`. Actions call [`Connector::send`]; [`Connector::render_request`]
 //! shows what would be sent, without credentials.
 
-use super::instance::Connector;
 use super::http::{snippet, Outgoing};
+use super::instance::Connector;
 use super::ConnectorError;
 use hmac::{Hmac, Mac};
 use serde::Serialize;
@@ -84,7 +84,9 @@ impl Connector {
                     if let Err(e) = serde_json::from_str::<Value>(&b) {
                         return Err(ConnectorError::Template {
                             instance: self.name().to_string(),
-                            message: format!("request {name}: the rendered body is not valid JSON ({e})"),
+                            message: format!(
+                                "request {name}: the rendered body is not valid JSON ({e})"
+                            ),
                         });
                     }
                 }
@@ -96,7 +98,8 @@ impl Connector {
             let key = self.render(&sig.key, &ctx)?;
             // No key, no signature: an unsigned webhook is a choice of the instance.
             if !key.is_empty() {
-                let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key length");
+                let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes())
+                    .expect("HMAC takes any key length");
                 mac.update(b.as_bytes());
                 let digest = mac.finalize().into_bytes();
                 let value = if sig.base64 {
@@ -105,18 +108,17 @@ impl Connector {
                 } else {
                     digest.iter().map(|b| format!("{b:02x}")).collect()
                 };
-                let hn = reqwest::header::HeaderName::from_bytes(sig.header.as_bytes()).map_err(|_| {
-                    ConnectorError::Template {
+                let hn = reqwest::header::HeaderName::from_bytes(sig.header.as_bytes()).map_err(
+                    |_| ConnectorError::Template {
                         instance: self.name().to_string(),
                         message: format!("{:?} is not a header name", sig.header),
-                    }
-                })?;
-                let hv = reqwest::header::HeaderValue::from_str(&format!("{}{value}", sig.prefix)).map_err(|_| {
-                    ConnectorError::Template {
+                    },
+                )?;
+                let hv = reqwest::header::HeaderValue::from_str(&format!("{}{value}", sig.prefix))
+                    .map_err(|_| ConnectorError::Template {
                         instance: self.name().to_string(),
                         message: "the signature prefix is not a valid header value".into(),
-                    }
-                })?;
+                    })?;
                 all_headers.push((hn, hv));
             }
         }
@@ -142,7 +144,11 @@ impl Connector {
     }
 
     /// Renders the named request with `context` without sending it.
-    pub fn render_request(&self, name: &str, context: &Value) -> Result<RenderedRequest, ConnectorError> {
+    pub fn render_request(
+        &self,
+        name: &str,
+        context: &Value,
+    ) -> Result<RenderedRequest, ConnectorError> {
         Ok(self.prepare(name, context)?.rendered)
     }
 
@@ -172,11 +178,21 @@ impl Connector {
                     instance: self.name().to_string(),
                     request: what,
                     status: resp.status,
-                    body: snippet(path.get(&body).map(|v| v.to_string()).unwrap_or_default().as_bytes()),
+                    body: snippet(
+                        path.get(&body)
+                            .map(|v| v.to_string())
+                            .unwrap_or_default()
+                            .as_bytes(),
+                    ),
                 });
             }
         }
-        tracing::info!(instance = self.name(), request = name, status = resp.status, "request sent");
+        tracing::info!(
+            instance = self.name(),
+            request = name,
+            status = resp.status,
+            "request sent"
+        );
         Ok(Response {
             status: resp.status,
             body,

@@ -89,9 +89,18 @@ mod tests {
     #[test]
     fn dotted_and_pointer_paths() {
         let v = json!({"paging": {"next": {"after": "152"}}, "odata.nextLink": "u", "tags": [{"name": "VIP"}]});
-        assert_eq!(JsonPath::parse("paging.next.after").unwrap().get(&v), Some(&json!("152")));
-        assert_eq!(JsonPath::parse("/odata.nextLink").unwrap().get(&v), Some(&json!("u")));
-        assert_eq!(JsonPath::parse("tags.0.name").unwrap().get(&v), Some(&json!("VIP")));
+        assert_eq!(
+            JsonPath::parse("paging.next.after").unwrap().get(&v),
+            Some(&json!("152"))
+        );
+        assert_eq!(
+            JsonPath::parse("/odata.nextLink").unwrap().get(&v),
+            Some(&json!("u"))
+        );
+        assert_eq!(
+            JsonPath::parse("tags.0.name").unwrap().get(&v),
+            Some(&json!("VIP"))
+        );
         assert_eq!(JsonPath::parse("missing.x").unwrap().get(&v), None);
         assert_eq!(JsonPath::parse("").unwrap().get(&v), Some(&v));
         assert!(JsonPath::parse("a..b").is_err());

@@ -82,7 +82,8 @@ const MAX_SAMPLES: usize = 100;
 
 impl InstanceReport {
     pub(crate) fn skip(&mut self, instance: &str, record: String, reason: String) {
-        tracing::warn!(instance, record = %record, reason = %reason, "record skipped");
+        // The report carries the reasons; one log line per record could flood stderr.
+        tracing::debug!(instance, record = %record, reason = %reason, "record skipped");
         self.skipped += 1;
         if self.skipped_records.len() < MAX_SAMPLES {
             self.skipped_records.push(SkippedRecord { record, reason });
@@ -164,7 +165,9 @@ pub(crate) fn cursor_name(instance: &str) -> String {
 }
 
 pub(crate) fn load_state(store: &dyn Store, instance: &str) -> Result<SyncState, ConnectorError> {
-    let bytes = store.cursor(&cursor_name(instance)).map_err(|e| ConnectorError::store(instance, e))?;
+    let bytes = store
+        .cursor(&cursor_name(instance))
+        .map_err(|e| ConnectorError::store(instance, e))?;
     Ok(match bytes {
         None => SyncState::default(),
         Some(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
@@ -196,7 +199,9 @@ pub async fn sync(
     report.requests = req1 - req0;
     report.retried = retry1 - retry0;
     if let Err(e) = result {
-        tracing::error!(instance = conn.name(), error = %e, "sync stopped");
+        // The caller gets the error in the report (the CLI prints it); this is for
+        // long-running callers that only log.
+        tracing::info!(instance = conn.name(), error = %e, "sync stopped");
         report.error = Some(e.to_string());
     }
     report.errors = report.skipped + u64::from(report.error.is_some());
@@ -241,7 +246,8 @@ async fn sync_http(
             r.clone()
         }
         _ => {
-            let since = if opts.full { None } else { state.since }.filter(|_| pull.incremental.is_some());
+            let since =
+                if opts.full { None } else { state.since }.filter(|_| pull.incremental.is_some());
             RunState {
                 started: now,
                 incremental: since.is_some(),
@@ -268,7 +274,12 @@ async fn sync_http(
         instance: name.clone(),
         message,
     })?;
-    let mut resolver = Resolver::new(store, &conn.0.join, Some(conn.id_attribute()), conn.tags_attribute());
+    let mut resolver = Resolver::new(
+        store,
+        &conn.0.join,
+        Some(conn.id_attribute()),
+        conn.tags_attribute(),
+    );
     let key = cursor_name(&name);
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Fetched, ConnectorError>>(2);
@@ -331,6 +342,9 @@ async fn sync_http(
             done = true;
             break;
         }
+        // Committing blocks this task for a moment; let others (a server, a caller
+        // that wants to cancel) run between pages even when the next page is ready.
+        tokio::task::yield_now().await;
     }
     if !done {
         // The channel closed without a last page or an error: the fetcher died.
@@ -349,7 +363,11 @@ async fn sync_http(
     Ok(())
 }
 
-async fn fetch_loop(conn: Connector, mut run: RunState, tx: tokio::sync::mpsc::Sender<Result<Fetched, ConnectorError>>) {
+async fn fetch_loop(
+    conn: Connector,
+    mut run: RunState,
+    tx: tokio::sync::mpsc::Sender<Result<Fetched, ConnectorError>>,
+) {
     if let Err(e) = fetch_pages(&conn, &mut run, &tx).await {
         let _ = tx.send(Err(e)).await;
     }
@@ -360,7 +378,11 @@ async fn fetch_pages(
     run: &mut RunState,
     tx: &tokio::sync::mpsc::Sender<Result<Fetched, ConnectorError>>,
 ) -> Result<(), ConnectorError> {
-    let pull = conn.definition().pull.as_ref().expect("checked by sync_http");
+    let pull = conn
+        .definition()
+        .pull
+        .as_ref()
+        .expect("checked by sync_http");
     let (listing, restart_after) = match (&pull.incremental, run.incremental) {
         (Some(inc), true) => (&inc.listing, inc.restart_after),
         _ => (&pull.full, None),
@@ -377,19 +399,26 @@ async fn fetch_pages(
             page: page_no,
             message,
         };
-        let mut body: Value =
-            serde_json::from_slice(&resp.body).map_err(|e| malformed(format!("the body is not JSON ({e})")))?;
+        let mut body: Value = serde_json::from_slice(&resp.body)
+            .map_err(|e| malformed(format!("the body is not JSON ({e})")))?;
         let p = &listing.pagination;
         let total = p
             .total
             .as_ref()
             .and_then(|t| t.get(&body))
             .and_then(as_u64)
-            .or_else(|| p.total_header.as_ref().and_then(|h| header_u64(&resp.headers, h)));
+            .or_else(|| {
+                p.total_header
+                    .as_ref()
+                    .and_then(|h| header_u64(&resp.headers, h))
+            });
         let records = match listing.records.take(&mut body) {
             Some(Value::Array(a)) => a,
             Some(Value::Null) | None => {
-                return Err(malformed(format!("no list of records at {:?}", listing.records.as_str())))
+                return Err(malformed(format!(
+                    "no list of records at {:?}",
+                    listing.records.as_str()
+                )))
             }
             Some(other) => {
                 return Err(malformed(format!(
@@ -399,12 +428,20 @@ async fn fetch_pages(
                 )))
             }
         };
-        let next = next_state(p, &run.next, &body, &resp.headers, records.len() as u64, conn.0.page_size)
-            .map_err(malformed)?;
+        let next = next_state(
+            p,
+            &run.next,
+            &body,
+            &resp.headers,
+            records.len() as u64,
+            conn.0.page_size,
+        )
+        .map_err(malformed)?;
         if let Some(u) = updated {
             for r in &records {
                 if let Some(t) = u.get(r).and_then(parse_time) {
-                    if run.max_seen.map_or(true, |m| t > m) {
+                    // None sorts before any time.
+                    if run.max_seen < Some(t) {
                         run.max_seen = Some(t);
                     }
                 }
@@ -530,7 +567,10 @@ pub(crate) fn list_request(
         }
     }
     let body = match &shape.body {
-        Some(t) => Some((shape.content_type.clone(), conn.render(t, &ctx)?.into_bytes())),
+        Some(t) => Some((
+            shape.content_type.clone(),
+            conn.render(t, &ctx)?.into_bytes(),
+        )),
         None => None,
     };
     Ok(Outgoing {
@@ -555,21 +595,35 @@ pub(crate) fn next_state(
     Ok(match p.style {
         Style::None => None,
         Style::Cursor => {
-            let next = p.next.as_ref().and_then(|path| path.get(body)).and_then(scalar_string);
+            let next = p
+                .next
+                .as_ref()
+                .and_then(|path| path.get(body))
+                .and_then(scalar_string);
             match next {
                 Some(c) if *current == PageState::Cursor(c.clone()) => {
-                    return Err(format!("the next cursor {c:?} is the one just used; paging would never end"))
+                    return Err(format!(
+                        "the next cursor {c:?} is the one just used; paging would never end"
+                    ))
                 }
                 Some(c) => Some(PageState::Cursor(c)),
                 None => None,
             }
         }
         Style::NextUrl => {
-            let next = p.next.as_ref().and_then(|path| path.get(body)).and_then(|v| v.as_str()).map(str::trim);
+            let next = p
+                .next
+                .as_ref()
+                .and_then(|path| path.get(body))
+                .and_then(|v| v.as_str())
+                .map(str::trim);
             match next {
                 Some(u) if !u.is_empty() => {
                     if *current == PageState::Url(u.to_string()) {
-                        return Err("the next-page link is the page just fetched; paging would never end".into());
+                        return Err(
+                            "the next-page link is the page just fetched; paging would never end"
+                                .into(),
+                        );
                     }
                     Some(PageState::Url(u.to_string()))
                 }
@@ -596,7 +650,11 @@ pub(crate) fn next_state(
             };
             let more = if n == 0 {
                 false
-            } else if let Some(total) = p.total_pages_header.as_ref().and_then(|h| header_u64(headers, h)) {
+            } else if let Some(total) = p
+                .total_pages_header
+                .as_ref()
+                .and_then(|h| header_u64(headers, h))
+            {
                 page < total
             } else if headers.contains_key(reqwest::header::LINK) {
                 link_next(headers).is_some()
@@ -637,8 +695,19 @@ mod tests {
             next_state(&cursor, &PageState::Start, &body, &h, 100, 100).unwrap(),
             Some(PageState::Cursor("152".into()))
         );
-        assert!(next_state(&cursor, &PageState::Cursor("152".into()), &body, &h, 100, 100).is_err());
-        assert_eq!(next_state(&cursor, &PageState::Start, &json!({}), &h, 3, 100).unwrap(), None);
+        assert!(next_state(
+            &cursor,
+            &PageState::Cursor("152".into()),
+            &body,
+            &h,
+            100,
+            100
+        )
+        .is_err());
+        assert_eq!(
+            next_state(&cursor, &PageState::Start, &json!({}), &h, 3, 100).unwrap(),
+            None
+        );
 
         let mut offset = pag(Style::Offset);
         offset.total = Some(JsonPath::parse("total_items").unwrap());
@@ -647,7 +716,10 @@ mod tests {
             next_state(&offset, &PageState::Offset(100), &body, &h, 100, 100).unwrap(),
             Some(PageState::Offset(200))
         );
-        assert_eq!(next_state(&offset, &PageState::Offset(200), &body, &h, 50, 100).unwrap(), None);
+        assert_eq!(
+            next_state(&offset, &PageState::Offset(200), &body, &h, 50, 100).unwrap(),
+            None
+        );
 
         let mut page = pag(Style::Page);
         page.total_pages_header = Some("X-WP-TotalPages".into());
@@ -657,12 +729,21 @@ mod tests {
             next_state(&page, &PageState::Start, &json!([]), &wh, 10, 10).unwrap(),
             Some(PageState::Page(2))
         );
-        assert_eq!(next_state(&page, &PageState::Page(3), &json!([]), &wh, 10, 10).unwrap(), None);
+        assert_eq!(
+            next_state(&page, &PageState::Page(3), &json!([]), &wh, 10, 10).unwrap(),
+            None
+        );
         // Without the header: a short page is the last.
-        assert_eq!(next_state(&page, &PageState::Page(2), &json!([]), &h, 4, 10).unwrap(), None);
+        assert_eq!(
+            next_state(&page, &PageState::Page(2), &json!([]), &h, 4, 10).unwrap(),
+            None
+        );
 
         let mut lh = reqwest::header::HeaderMap::new();
-        lh.insert("link", r#"<https://x/c.json?page_info=abc>; rel="next""#.parse().unwrap());
+        lh.insert(
+            "link",
+            r#"<https://x/c.json?page_info=abc>; rel="next""#.parse().unwrap(),
+        );
         assert_eq!(
             next_state(&pag(Style::Link), &PageState::Start, &json!({}), &lh, 1, 1).unwrap(),
             Some(PageState::Url("https://x/c.json?page_info=abc".into()))

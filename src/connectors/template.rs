@@ -7,7 +7,9 @@ use minijinja::{AutoEscape, Environment, Error, UndefinedBehavior, Value};
 
 /// Adds klantreis's filters to an environment.
 pub fn add_filters(env: &mut Environment<'_>) {
-    env.add_filter("md5", |s: String| -> String { format!("{:x}", Md5::digest(s.as_bytes())) });
+    env.add_filter("md5", |s: String| -> String {
+        format!("{:x}", Md5::digest(s.as_bytes()))
+    });
     env.add_filter("urlencode", |s: String| -> String { percent_encode(&s) });
     env.add_filter("string_values", string_values);
 }
@@ -67,15 +69,29 @@ mod tests {
         let r = |src: &str, ctx: serde_json::Value| env.render_str(src, ctx).unwrap();
         // API-NOTES B2's test vector.
         assert_eq!(
-            r("{{ e | lower | md5 }}", serde_json::json!({"e": "Urist.McVankab@freddiesjokes.com"})),
+            r(
+                "{{ e | lower | md5 }}",
+                serde_json::json!({"e": "Urist.McVankab@freddiesjokes.com"})
+            ),
             "62eeb292278cc15f5817cb78f7790b08"
         );
-        assert_eq!(r("{{ s | urlencode }}", serde_json::json!({"s": "a b/c@d"})), "a%20b%2Fc%40d");
         assert_eq!(
-            r("{{ p | string_values | tojson }}", serde_json::json!({"p": {"n": 3, "b": true, "s": "x"}})),
+            r("{{ s | urlencode }}", serde_json::json!({"s": "a b/c@d"})),
+            "a%20b%2Fc%40d"
+        );
+        assert_eq!(
+            r(
+                "{{ p | string_values | tojson }}",
+                serde_json::json!({"p": {"n": 3, "b": true, "s": "x"}})
+            ),
             r#"{"b":"true","n":"3","s":"x"}"#
         );
-        assert!(env.render_str("{{ missing }}", serde_json::json!({})).is_err());
-        assert_eq!(r("{% if missing %}x{% endif %}y", serde_json::json!({})), "y");
+        assert!(env
+            .render_str("{{ missing }}", serde_json::json!({}))
+            .is_err());
+        assert_eq!(
+            r("{% if missing %}x{% endif %}y", serde_json::json!({})),
+            "y"
+        );
     }
 }

@@ -22,9 +22,13 @@ fn seconds_of(t: &Dynamic) -> Res<INT> {
         return Ok(f as INT);
     }
     if t.is_string() {
-        let s = t.clone().into_immutable_string().map_err(|e| -> Box<EvalAltResult> { e.into() })?;
-        return crate::time::unix_seconds(&s)
-            .ok_or_else(|| format!("{s:?} is not an RFC 3339 time such as \"2026-11-01T10:00:00Z\"").into());
+        let s = t
+            .clone()
+            .into_immutable_string()
+            .map_err(|e| -> Box<EvalAltResult> { e.into() })?;
+        return crate::time::unix_seconds(&s).ok_or_else(|| {
+            format!("{s:?} is not an RFC 3339 time such as \"2026-11-01T10:00:00Z\"").into()
+        });
     }
     Err(format!(
         "expected a time (an RFC 3339 string or unix seconds), got {}",
@@ -35,7 +39,9 @@ fn seconds_of(t: &Dynamic) -> Res<INT> {
 
 /// Calls `f` with each event map of the customer.
 fn for_each_event(customer: &Map, mut f: impl FnMut(&Map)) {
-    let Some(events) = customer.get("events") else { return };
+    let Some(events) = customer.get("events") else {
+        return;
+    };
     if let Some(arr) = events.read_lock::<Array>() {
         for e in arr.iter() {
             if let Some(m) = e.read_lock::<Map>() {
@@ -47,7 +53,10 @@ fn for_each_event(customer: &Map, mut f: impl FnMut(&Map)) {
 
 fn kind_is(e: &Map, kind: &str) -> bool {
     e.get("kind")
-        .and_then(|k| k.read_lock::<rhai::ImmutableString>().map(|s| s.as_str() == kind))
+        .and_then(|k| {
+            k.read_lock::<rhai::ImmutableString>()
+                .map(|s| s.as_str() == kind)
+        })
         .unwrap_or(false)
 }
 
@@ -56,7 +65,12 @@ fn at_of(e: &Map) -> Option<INT> {
     seconds_of(at).ok()
 }
 
-fn count_within(ctx: &NativeCallContext, customer: &Map, kind: &str, within_days: Option<FLOAT>) -> Res<INT> {
+fn count_within(
+    ctx: &NativeCallContext,
+    customer: &Map,
+    kind: &str,
+    within_days: Option<FLOAT>,
+) -> Res<INT> {
     let now = now_of(ctx)?;
     let mut n = 0;
     for_each_event(customer, |e| {
@@ -84,7 +98,9 @@ fn same_tag(a: &str, want: &str) -> bool {
 
 fn has_tag(customer: &Map, tag: &str) -> bool {
     let want = tag.trim();
-    let Some(tags) = customer.get("tags") else { return false };
+    let Some(tags) = customer.get("tags") else {
+        return false;
+    };
     if let Some(arr) = tags.read_lock::<Array>() {
         return arr.iter().any(|t| {
             t.read_lock::<rhai::ImmutableString>()
@@ -92,9 +108,7 @@ fn has_tag(customer: &Map, tag: &str) -> bool {
         });
     }
     if let Some(s) = tags.read_lock::<rhai::ImmutableString>() {
-        return s
-            .split(',')
-            .any(|t| same_tag(t, want));
+        return s.split(',').any(|t| same_tag(t, want));
     }
     false
 }
@@ -102,15 +116,23 @@ fn has_tag(customer: &Map, tag: &str) -> bool {
 /// Registers the rule helpers on `engine`.
 pub fn register(engine: &mut Engine) {
     engine.register_fn("now", |ctx: NativeCallContext| now_of(&ctx));
-    engine.register_fn("days_since", |ctx: NativeCallContext, t: Dynamic| -> Res<FLOAT> {
-        Ok((now_of(&ctx)? - seconds_of(&t)?) as FLOAT / 86_400.0)
-    });
-    engine.register_fn("hours_since", |ctx: NativeCallContext, t: Dynamic| -> Res<FLOAT> {
-        Ok((now_of(&ctx)? - seconds_of(&t)?) as FLOAT / 3_600.0)
-    });
+    engine.register_fn(
+        "days_since",
+        |ctx: NativeCallContext, t: Dynamic| -> Res<FLOAT> {
+            Ok((now_of(&ctx)? - seconds_of(&t)?) as FLOAT / 86_400.0)
+        },
+    );
+    engine.register_fn(
+        "hours_since",
+        |ctx: NativeCallContext, t: Dynamic| -> Res<FLOAT> {
+            Ok((now_of(&ctx)? - seconds_of(&t)?) as FLOAT / 3_600.0)
+        },
+    );
     engine.register_fn(
         "count_events",
-        |ctx: NativeCallContext, customer: &mut Map, kind: &str| -> Res<INT> { count_within(&ctx, customer, kind, None) },
+        |ctx: NativeCallContext, customer: &mut Map, kind: &str| -> Res<INT> {
+            count_within(&ctx, customer, kind, None)
+        },
     );
     engine.register_fn(
         "count_events",
@@ -125,8 +147,12 @@ pub fn register(engine: &mut Engine) {
         },
     );
     engine.register_fn("last_event", |customer: &mut Map, kind: &str| -> Dynamic {
-        let Some(events) = customer.get("events") else { return Dynamic::UNIT };
-        let Some(arr) = events.read_lock::<Array>() else { return Dynamic::UNIT };
+        let Some(events) = customer.get("events") else {
+            return Dynamic::UNIT;
+        };
+        let Some(arr) = events.read_lock::<Array>() else {
+            return Dynamic::UNIT;
+        };
         // Remember the best index; clone only the winner.
         let mut best: Option<(INT, usize)> = None;
         for (i, e) in arr.iter().enumerate() {
@@ -142,7 +168,9 @@ pub fn register(engine: &mut Engine) {
         }
         best.map_or(Dynamic::UNIT, |(_, i)| arr[i].clone())
     });
-    engine.register_fn("has_tag", |customer: &mut Map, tag: &str| has_tag(customer, tag));
+    engine.register_fn("has_tag", |customer: &mut Map, tag: &str| {
+        has_tag(customer, tag)
+    });
 }
 
 #[cfg(test)]
@@ -155,8 +183,14 @@ mod tests {
 
     #[test]
     fn has_tag_accepts_arrays_and_comma_strings() {
-        assert!(has_tag(&map(serde_json::json!({"tags": ["VIP ", "b"]})), "vip"));
-        assert!(has_tag(&map(serde_json::json!({"tags": "a, Vip ,c"})), " vip"));
+        assert!(has_tag(
+            &map(serde_json::json!({"tags": ["VIP ", "b"]})),
+            "vip"
+        ));
+        assert!(has_tag(
+            &map(serde_json::json!({"tags": "a, Vip ,c"})),
+            " vip"
+        ));
         assert!(!has_tag(&map(serde_json::json!({"tags": "a,b"})), "vip"));
         assert!(!has_tag(&map(serde_json::json!({})), "vip"));
     }

@@ -65,7 +65,10 @@ fn loop_positions(ast: &AST) -> Vec<Position> {
     let mut out = Vec::new();
     ast.walk(&mut |path: &[rhai::ASTNode]| {
         if let Some(rhai::ASTNode::Stmt(s)) = path.last() {
-            if matches!(s, rhai::Stmt::While(..) | rhai::Stmt::Do(..) | rhai::Stmt::For(..)) {
+            if matches!(
+                s,
+                rhai::Stmt::While(..) | rhai::Stmt::Do(..) | rhai::Stmt::For(..)
+            ) {
                 out.push(s.position());
             }
         }
@@ -120,21 +123,30 @@ pub fn build_engine(settings: &RuleSettings, rules_dir: &Path, debug_trace: bool
 fn compile_file(engine: &Engine, path: &Path, display: &str) -> Result<AST, Diagnostic> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Diagnostic::new(display, 1, 1, format!("cannot read rule file: {e}")))?;
-    let mut ast = engine.compile_into_self_contained(&Scope::new(), &text).map_err(|e| {
-        let mut d = diagnostic_of(&e, display);
-        if d.file == display && d.line == 1 && d.column == 1 {
-            // Imports are resolved without a position; point at the failing import.
-            if let Some(pos) = import_position(engine, &text, &e) {
-                d.line = pos.line().unwrap_or(1);
-                d.column = pos.position().unwrap_or(1);
+    let mut ast = engine
+        .compile_into_self_contained(&Scope::new(), &text)
+        .map_err(|e| {
+            let mut d = diagnostic_of(&e, display);
+            if d.file == display && d.line == 1 && d.column == 1 {
+                // Imports are resolved without a position; point at the failing import.
+                if let Some(pos) = import_position(engine, &text, &e) {
+                    d.line = pos.line().unwrap_or(1);
+                    d.column = pos.position().unwrap_or(1);
+                }
             }
-        }
-        d
-    })?;
+            d
+        })?;
     ast.set_source(display);
-    let has_phase = ast.iter_functions().any(|f| f.name == "phase" && f.params.len() == 1);
+    let has_phase = ast
+        .iter_functions()
+        .any(|f| f.name == "phase" && f.params.len() == 1);
     if !has_phase {
-        return Err(Diagnostic::new(display, 1, 1, "the rule file defines no `fn phase(customer)`"));
+        return Err(Diagnostic::new(
+            display,
+            1,
+            1,
+            "the rule file defines no `fn phase(customer)`",
+        ));
     }
     Ok(ast)
 }
@@ -142,7 +154,10 @@ fn compile_file(engine: &Engine, path: &Path, display: &str) -> Result<AST, Diag
 /// The position of the `import` statement a module error is about.
 fn import_position(engine: &Engine, text: &str, e: &EvalAltResult) -> Option<Position> {
     let path = match e {
-        EvalAltResult::ErrorInModule(path, ..) => path.trim_start_matches("rules/").trim_end_matches(".rhai").to_string(),
+        EvalAltResult::ErrorInModule(path, ..) => path
+            .trim_start_matches("rules/")
+            .trim_end_matches(".rhai")
+            .to_string(),
         EvalAltResult::ErrorModuleNotFound(msg, ..) => msg.split('"').nth(1)?.to_string(),
         _ => return None,
     };
@@ -167,7 +182,12 @@ fn import_position(engine: &Engine, text: &str, e: &EvalAltResult) -> Option<Pos
 /// A diagnostic for a compile error, pointing into the file (or module) that has it.
 fn diagnostic_of(e: &EvalAltResult, display: &str) -> Diagnostic {
     let (source, pos, msg) = innermost(e, display);
-    Diagnostic::new(source, pos.line().unwrap_or(1), pos.position().unwrap_or(1), msg)
+    Diagnostic::new(
+        source,
+        pos.line().unwrap_or(1),
+        pos.position().unwrap_or(1),
+        msg,
+    )
 }
 
 /// The innermost error of a chain, with the source it happened in.
@@ -187,7 +207,11 @@ fn innermost(e: &EvalAltResult, source: &str) -> (String, Position, String) {
         }
         EvalAltResult::ErrorParsing(pe, pos) => (source.to_string(), *pos, pe.to_string()),
         EvalAltResult::ErrorTerminated(token, pos) if token.is_string() => {
-            let msg = if token.clone().into_string().is_ok_and(|s| s == TIMEOUT_TOKEN) {
+            let msg = if token
+                .clone()
+                .into_string()
+                .is_ok_and(|s| s == TIMEOUT_TOKEN)
+            {
                 "the rule ran past its time budget (rules.timeout_ms)".to_string()
             } else {
                 "the rule was terminated".to_string()
@@ -283,7 +307,11 @@ impl RuleSet {
         })
     }
 
-    fn compile_journey(engine: &Engine, j: &JourneyConfig, rules_dir: &Path) -> Result<CompiledJourney, Diagnostic> {
+    fn compile_journey(
+        engine: &Engine,
+        j: &JourneyConfig,
+        rules_dir: &Path,
+    ) -> Result<CompiledJourney, Diagnostic> {
         let ast = compile_file(engine, &j.rules_path, &j.rules_display)?;
         let needs_eval = !ast.statements().is_empty();
         let loops = loop_positions(&ast);
@@ -344,13 +372,23 @@ impl RuleSet {
         DEADLINE.with(|d| d.set(None));
         let value = result.map_err(|e| {
             let (src, mut pos, mut msg) = innermost(&e, &j.source);
-            let budget = matches!(*e, EvalAltResult::ErrorTooManyOperations(..) | EvalAltResult::ErrorTerminated(..));
+            let budget = matches!(
+                *e,
+                EvalAltResult::ErrorTooManyOperations(..) | EvalAltResult::ErrorTerminated(..)
+            );
             if budget && pos.is_none() {
                 if let Some(first) = j.loops.first() {
                     pos = *first;
                     if j.loops.len() > 1 {
-                        let lines: Vec<String> = j.loops[1..].iter().filter_map(|p| p.line()).map(|l| l.to_string()).collect();
-                        msg = format!("{msg}, in this loop or the one at line(s) {}", lines.join(", "));
+                        let lines: Vec<String> = j.loops[1..]
+                            .iter()
+                            .filter_map(|p| p.line())
+                            .map(|l| l.to_string())
+                            .collect();
+                        msg = format!(
+                            "{msg}, in this loop or the one at line(s) {}",
+                            lines.join(", ")
+                        );
                     } else {
                         msg = format!("{msg}, in this loop");
                     }
@@ -390,7 +428,10 @@ impl RuleSet {
                         flags.push(x.to_string());
                     }
                 } else if !f.is_unit() {
-                    return Err(bad(format!("a map whose `flags` is a {}, not an array", f.type_name())));
+                    return Err(bad(format!(
+                        "a map whose `flags` is a {}, not an array",
+                        f.type_name()
+                    )));
                 }
             }
             (phase, flags)

@@ -23,17 +23,23 @@ impl SandboxResolver {
         };
         let p = Path::new(&rel);
         if p.is_absolute() || rel.contains('\\') {
-            return Err(format!("import {path:?}: only paths under the rules folder can be imported"));
+            return Err(format!(
+                "import {path:?}: only paths under the rules folder can be imported"
+            ));
         }
         if p.components().any(|c| !matches!(c, Component::Normal(_))) {
-            return Err(format!("import {path:?}: '..' and '.' are not allowed in import paths"));
+            return Err(format!(
+                "import {path:?}: '..' and '.' are not allowed in import paths"
+            ));
         }
         let full = self.root.join(p);
         let canonical = full
             .canonicalize()
             .map_err(|_| format!("import {path:?}: no module {}", full.display()))?;
         if !canonical.starts_with(&self.root) {
-            return Err(format!("import {path:?}: resolves outside the rules folder"));
+            return Err(format!(
+                "import {path:?}: resolves outside the rules folder"
+            ));
         }
         Ok((canonical, format!("rules/{rel}")))
     }

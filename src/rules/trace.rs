@@ -32,7 +32,9 @@ pub fn install(engine: &mut Engine) {
             // statement (an implicit result such as `"kijk"` in a branch, or a final
             // `return` the optimizer turned into a value) only as an expression.
             let relevant = match node {
-                ASTNode::Stmt(stmt) => !matches!(stmt, rhai::Stmt::Block(..) | rhai::Stmt::Noop(..)),
+                ASTNode::Stmt(stmt) => {
+                    !matches!(stmt, rhai::Stmt::Block(..) | rhai::Stmt::Noop(..))
+                }
                 _ => true,
             };
             if relevant {
@@ -41,11 +43,17 @@ pub fn install(engine: &mut Engine) {
                         if let Some(steps) = s.borrow_mut().as_mut() {
                             let source = source.unwrap_or("");
                             // Consecutive steps on one line are one line of the trace.
-                            if steps.last().is_some_and(|l: &Step| l.line == line && l.source == source) {
+                            if steps
+                                .last()
+                                .is_some_and(|l: &Step| l.line == line && l.source == source)
+                            {
                                 return;
                             }
                             if steps.len() < MAX_STEPS {
-                                steps.push(Step { source: source.to_string(), line });
+                                steps.push(Step {
+                                    source: source.to_string(),
+                                    line,
+                                });
                             }
                         }
                     });

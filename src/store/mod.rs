@@ -4,8 +4,12 @@
 //! Records travel as encoded blobs ([`ScanItem`]) so that a sweep can decode them on
 //! worker threads instead of on the scanning thread.
 
+mod deliveries;
+mod outbox;
 mod sled_store;
 
+pub use deliveries::{DeliveryRecord, DeliveryStore};
+pub use outbox::{OutboxStore, OutboxWrite};
 pub use sled_store::SledStore;
 
 use crate::model::{CodecError, Customer, PhaseStates, Transition};
@@ -60,6 +64,8 @@ pub struct PhaseUpdate {
     pub id: String,
     pub states: PhaseStates,
     pub transitions: Vec<Transition>,
+    /// Outbox entries the transitions planned, written in the same atomic batch.
+    pub outbox: Vec<OutboxWrite>,
 }
 
 /// Customers per phase per journey.
@@ -83,7 +89,11 @@ pub trait Store: Send + Sync {
     /// Like [`Store::merge_customers`], and in the same atomic step sets the named
     /// cursor (a connector's sync position), so a sync killed half way resumes from
     /// the last page whose records are stored.
-    fn merge_page(&self, batch: Vec<Customer>, cursor: Option<(&str, &[u8])>) -> Result<MergeStats, StoreError>;
+    fn merge_page(
+        &self,
+        batch: Vec<Customer>,
+        cursor: Option<(&str, &[u8])>,
+    ) -> Result<MergeStats, StoreError>;
 
     /// A cursor set by [`Store::merge_page`].
     fn cursor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -105,7 +115,11 @@ pub trait Store: Send + Sync {
     fn history(&self, id: &str) -> Result<Vec<Transition>, StoreError>;
 
     /// Visits every customer in id order, `chunk` at a time, until `visit` returns false.
-    fn scan(&self, chunk: usize, visit: &mut dyn FnMut(Vec<ScanItem>) -> bool) -> Result<(), StoreError>;
+    fn scan(
+        &self,
+        chunk: usize,
+        visit: &mut dyn FnMut(Vec<ScanItem>) -> bool,
+    ) -> Result<(), StoreError>;
 
     /// Records new phase states and their transitions; one call is atomic.
     fn record_phases(&self, updates: &[PhaseUpdate]) -> Result<(), StoreError>;

@@ -9,7 +9,9 @@
 //! - `phases`: `s/{id}` → the customer's [`PhaseStates`]; `h/{id}\0{seq:be64}` → one
 //!   [`Transition`]. States and their history share a tree so that one batch
 //!   records both atomically. History keys are `h/{id}\0{at:be64}{seq:be64}`: time
-//!   order first, so the order survives compaction.
+//!   order first, so the order survives compaction. The outbox (`o/`, `q/`, `m/`)
+//!   lives here too, so transitions and their actions are one batch: see
+//!   `src/store/outbox.rs`.
 //!
 //! Merges are read-modify-write, serialised per customer by a striped lock; a batch
 //! locks the stripes it touches in ascending order, so writers that partition their
@@ -484,6 +486,9 @@ impl Store for SledStore {
                 batch.insert(key, t.encode());
             }
         }
+        // Planned outbox entries join the same batch (see src/store/outbox.rs);
+        // the guards hold the customers' locks until it is applied.
+        let _guards = self.add_outbox_writes(&mut batch, updates)?;
         self.phases.apply_batch(batch).map_err(backend)
     }
 

@@ -6,10 +6,12 @@
 use crate::support::{stderr, stdout, Sandbox};
 use klantreis::clock::{FixedClock, SharedClock};
 use klantreis::config::Config;
-use klantreis::connectors::{self, Connector, InstanceReport, Progress, Registry, SyncOptions, SyncReport};
+use klantreis::connectors::{
+    self, Connector, InstanceReport, Progress, Registry, SyncOptions, SyncReport,
+};
 use klantreis::fakes::{
-    brevo, hubspot, klaviyo, mailchimp, shopify, subscriber_hash, superoffice, webhook, woocommerce, Consent, Contact,
-    ContactBook, Faults, RecordedRequest,
+    brevo, hubspot, klaviyo, mailchimp, shopify, subscriber_hash, superoffice, webhook,
+    woocommerce, Consent, Contact, ContactBook, Faults, RecordedRequest,
 };
 use klantreis::model::Customer;
 use klantreis::store::{SledStore, Store};
@@ -69,11 +71,17 @@ impl Setup {
     }
 
     fn config(&self, instances: &str) -> Config {
-        self.parse(instances).unwrap_or_else(|e| panic!("config:\n{e}\n{instances}"))
+        self.parse(instances)
+            .unwrap_or_else(|e| panic!("config:\n{e}\n{instances}"))
     }
 }
 
-async fn sync_with(config: &Config, store: &dyn Store, only: Option<&str>, full: bool) -> SyncReport {
+async fn sync_with(
+    config: &Config,
+    store: &dyn Store,
+    only: Option<&str>,
+    full: bool,
+) -> SyncReport {
     connectors::sync_all(config, store, only, &SyncOptions { full }, clock(), &|_| {})
         .await
         .expect("sync runs")
@@ -84,7 +92,9 @@ async fn sync(config: &Config, store: &dyn Store) -> SyncReport {
 }
 
 fn ok(report: &SyncReport, name: &str) -> InstanceReport {
-    let r = report.get(name).unwrap_or_else(|| panic!("no {name} in {report:?}"));
+    let r = report
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} in {report:?}"));
     assert_eq!(r.error, None, "{name}: {r:?}");
     assert_eq!(r.errors, 0, "{name}: {r:?}");
     r.clone()
@@ -95,7 +105,11 @@ fn dump(store: &SledStore) -> Vec<Customer> {
     let mut out = Vec::new();
     store
         .scan(1000, &mut |items| {
-            out.extend(items.iter().map(|i| Customer::decode(&i.record).expect("a stored record decodes")));
+            out.extend(
+                items
+                    .iter()
+                    .map(|i| Customer::decode(&i.record).expect("a stored record decodes")),
+            );
             true
         })
         .unwrap();
@@ -221,7 +235,7 @@ fn klaviyo_vendor(book: &ContactBook, faults: Faults) -> Vendor {
         prefix: "klaviyo",
         instance,
         source_id: |c| klaviyo::profile_id(c.id),
-        consent: ConsentMapping::None,
+        consent: ConsentMapping::Full,
         tags: false,
         incremental: true,
         requests,
@@ -325,22 +339,38 @@ const VENDORS: &[MakeVendor] = &[
 /// Every contact of `book` is one customer with the vendor's id and attributes.
 fn assert_pulled(store: &SledStore, book: &ContactBook, v: &Vendor) {
     let contacts = book.all();
-    assert_eq!(store.customer_count().unwrap(), contacts.len() as u64, "{}: no duplicates", v.name);
+    assert_eq!(
+        store.customer_count().unwrap(),
+        contacts.len() as u64,
+        "{}: no duplicates",
+        v.name
+    );
     for c in &contacts {
         let id = store
             .id_for_email(&c.email)
             .unwrap()
             .unwrap_or_else(|| panic!("{}: {} is not in the store", v.name, c.email));
-        let cust = store.customer(&id).unwrap().expect("indexed customers exist");
+        let cust = store
+            .customer(&id)
+            .unwrap()
+            .expect("indexed customers exist");
         let a = &cust.attributes;
         let what = format!("{} contact {}", v.name, c.id);
-        assert_eq!(a[&format!("{}_id", v.prefix)], json!((v.source_id)(c)), "{what}");
+        assert_eq!(
+            a[&format!("{}_id", v.prefix)],
+            json!((v.source_id)(c)),
+            "{what}"
+        );
         assert_eq!(a["email"], json!(c.email.to_lowercase()), "{what}");
         assert_eq!(a["first_name"], json!(c.first_name), "{what}");
         assert_eq!(a["last_name"], json!(c.last_name), "{what}");
         match v.consent {
             ConsentMapping::Full => {
-                assert_eq!(a["consent_email"], json!(c.consent == Consent::Subscribed), "{what}")
+                assert_eq!(
+                    a["consent_email"],
+                    json!(c.consent == Consent::Subscribed),
+                    "{what}"
+                )
             }
             ConsentMapping::OptOutOnly => assert_eq!(
                 a.get("consent_email"),
@@ -373,7 +403,11 @@ async fn sync_pulls_every_contact_from_each_vendor_through_pagination_429s_and_5
         let v = make(&book, faults);
         let setup = Setup::new();
         // Small pages where the default would fit everything on one page.
-        let page = if matches!(v.prefix, "mailchimp" | "shopify" | "superoffice") { "page_size = 100\n" } else { "" };
+        let page = if matches!(v.prefix, "mailchimp" | "shopify" | "superoffice") {
+            "page_size = 100\n"
+        } else {
+            ""
+        };
         let config = setup.config(&format!("{}{page}", v.instance));
         let store = SledStore::temporary().unwrap();
         let report = sync(&config, &store).await;
@@ -383,11 +417,28 @@ async fn sync_pulls_every_contact_from_each_vendor_through_pagination_429s_and_5
         assert!(r.pages >= 3, "{}: paged: {r:?}", v.name);
         assert!(r.retried > 0, "{}: the faults were retried: {r:?}", v.name);
         let reqs = (v.requests)();
-        assert!(reqs.iter().any(|q| q.status == 500), "{}: a 500 was served", v.name);
-        assert!(reqs.iter().any(|q| q.status == 429), "{}: a 429 was served", v.name);
-        assert_eq!(u64::try_from(reqs.len()).unwrap(), r.requests, "{}: requests counted", v.name);
+        assert!(
+            reqs.iter().any(|q| q.status == 500),
+            "{}: a 500 was served",
+            v.name
+        );
+        assert!(
+            reqs.iter().any(|q| q.status == 429),
+            "{}: a 429 was served",
+            v.name
+        );
+        assert_eq!(
+            u64::try_from(reqs.len()).unwrap(),
+            r.requests,
+            "{}: requests counted",
+            v.name
+        );
         assert_pulled(&store, &book, &v);
-        assert!(cursor(&store, v.name).unwrap()["since"].is_string(), "{}: watermark stored", v.name);
+        assert!(
+            cursor(&store, v.name).unwrap()["since"].is_string(),
+            "{}: watermark stored",
+            v.name
+        );
     }
 }
 
@@ -406,14 +457,23 @@ async fn a_second_sync_fetches_only_what_changed_where_the_api_allows_it() {
         (v.clear)();
         let ids = book.ids();
         for id in [ids[3], ids[150]] {
-            book.update(id, |c| c.first_name = format!("Changed {}", c.id)).unwrap();
+            book.update(id, |c| c.first_name = format!("Changed {}", c.id))
+                .unwrap();
         }
         let second = ok(&sync(&config, &store).await, v.name);
         let reqs = (v.requests)();
         for id in [ids[3], ids[150]] {
             let c = book.get(id).unwrap();
-            let cust = store.customer(&store.id_for_email(&c.email).unwrap().unwrap()).unwrap().unwrap();
-            assert_eq!(cust.attributes["first_name"], json!(format!("Changed {id}")), "{}", v.name);
+            let cust = store
+                .customer(&store.id_for_email(&c.email).unwrap().unwrap())
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                cust.attributes["first_name"],
+                json!(format!("Changed {id}")),
+                "{}",
+                v.name
+            );
         }
         assert_eq!(second.updated, 2, "{}: {second:?}", v.name);
         assert_eq!(store.customer_count().unwrap(), 240);
@@ -435,10 +495,19 @@ async fn a_second_sync_fetches_only_what_changed_where_the_api_allows_it() {
                 assert_eq!(first_req.method, "POST");
                 assert_eq!(first_req.path, "/crm/v3/objects/contacts/search");
                 let body = first_req.json().unwrap();
-                assert_eq!(body["filterGroups"][0]["filters"][0]["propertyName"], "lastmodifieddate");
-                assert_eq!(body["filterGroups"][0]["filters"][0]["value"], json!(newest_ms));
+                assert_eq!(
+                    body["filterGroups"][0]["filters"][0]["propertyName"],
+                    "lastmodifieddate"
+                );
+                assert_eq!(
+                    body["filterGroups"][0]["filters"][0]["value"],
+                    json!(newest_ms)
+                );
             }
-            "mailchimp" => assert_eq!(first_req.query_param("since_last_changed"), Some(newest_iso)),
+            "mailchimp" => assert_eq!(
+                first_req.query_param("since_last_changed"),
+                Some(newest_iso)
+            ),
             "klaviyo" => assert_eq!(
                 first_req.query_param("filter"),
                 Some(format!("greater-than(updated,{newest_iso})"))
@@ -447,11 +516,54 @@ async fn a_second_sync_fetches_only_what_changed_where_the_api_allows_it() {
             "woocommerce" => assert_eq!(first_req.query_param("modified_after"), Some(newest_iso)),
             other => panic!("{other}"),
         }
-        // Nothing changed: the third sync gets at most the boundary record.
+        // Nothing changed: the third sync gets at most the records at the watermark
+        // itself (both changes carry the same time) where the filter is inclusive.
         let third = ok(&sync(&config, &store).await, v.name);
-        assert!(third.fetched <= 1, "{}: {third:?}", v.name);
+        assert!(third.fetched <= 2, "{}: {third:?}", v.name);
         assert_eq!(third.created + third.updated, 0, "{}: {third:?}", v.name);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubspot_search_past_10000_changes_starts_a_new_search_from_the_newest_change_seen() {
+    let book = book(10_050);
+    let v = hubspot_vendor(&book, Faults::default());
+    let config = Setup::new().config(&v.instance);
+    let store = SledStore::temporary().unwrap();
+    ok(&sync(&config, &store).await, "crm");
+    (v.clear)();
+    // Every contact changes, each a second after the one before.
+    let base = at(CHANGED_AT);
+    for (i, id) in book.ids().into_iter().enumerate() {
+        book.update_quietly(id, |c| {
+            c.first_name = "New".into();
+            c.updated_at = base + chrono::Duration::seconds(i as i64);
+        });
+    }
+    let r = ok(&sync(&config, &store).await, "crm");
+    assert!(r.incremental);
+    // The search refuses to page past 10,000 (the fake answers 400, as HubSpot does):
+    // the second search starts at the newest change the first one delivered.
+    let filters: Vec<String> = (v.requests)()
+        .iter()
+        .filter_map(|q| q.json())
+        .filter(|b| b["after"].is_null())
+        .map(|b| {
+            b["filterGroups"][0]["filters"][0]["value"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let newest_of_first = base + chrono::Duration::seconds(9_999);
+    assert_eq!(filters.len(), 2, "{filters:?}");
+    assert_eq!(filters[1], newest_of_first.timestamp_millis().to_string());
+    assert_eq!(r.fetched, 10_051, "the boundary record comes twice: {r:?}");
+    assert_eq!(r.updated, 10_050);
+    let all = dump(&store);
+    assert!(all
+        .iter()
+        .all(|c| c.attributes["first_name"] == json!("New")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -465,7 +577,10 @@ async fn full_sync_lists_everything_again() {
     let r = ok(&sync_with(&config, &store, Some("crm"), true).await, "crm");
     assert!(!r.incremental);
     assert_eq!((r.fetched, r.unchanged), (120, 120));
-    assert!((v.requests)().iter().all(|q| q.method == "GET"), "the list endpoint, not search");
+    assert!(
+        (v.requests)().iter().all(|q| q.method == "GET"),
+        "the list endpoint, not search"
+    );
 }
 
 // ------------------------------------------------------------------------ identity
@@ -478,7 +593,10 @@ async fn the_same_person_in_three_tools_is_one_customer_with_all_three_ids() {
     ann_mc.tags = vec!["newsletter".into()];
     let mut ann_shop = person(3, "ANN.LEE@EXAMPLE.COM");
     ann_shop.tags = vec!["vip".into()];
-    let hub = ContactBook::new(vec![person(1, "Ann.Lee@Example.com"), person(11, "bo@example.com")]);
+    let hub = ContactBook::new(vec![
+        person(1, "Ann.Lee@Example.com"),
+        person(11, "bo@example.com"),
+    ]);
     let mc = ContactBook::new(vec![ann_mc, person(12, "cy@example.com")]);
     let shop = ContactBook::new(vec![ann_shop, person(13, "Bo@Example.com")]);
     let (h, m, s) = (
@@ -499,12 +617,28 @@ async fn the_same_person_in_three_tools_is_one_customer_with_all_three_ids() {
     let ann = store.customer(&id).unwrap().unwrap();
     assert_eq!(ann.attributes["email"], json!("ann.lee@example.com"));
     assert_eq!(ann.attributes["hubspot_id"], json!("1"));
-    assert_eq!(ann.attributes["mailchimp_id"], json!(subscriber_hash("ann.lee@example.com")));
-    assert_eq!(ann.attributes["shopify_id"], json!(shopify::customer_id(3).to_string()));
-    assert_eq!(ann.attributes["tags"], json!(["newsletter", "vip"]), "tags are a union over sources");
-    let bo = store.customer(&store.id_for_email("BO@example.com").unwrap().unwrap()).unwrap().unwrap();
+    assert_eq!(
+        ann.attributes["mailchimp_id"],
+        json!(subscriber_hash("ann.lee@example.com"))
+    );
+    assert_eq!(
+        ann.attributes["shopify_id"],
+        json!(shopify::customer_id(3).to_string())
+    );
+    assert_eq!(
+        ann.attributes["tags"],
+        json!(["newsletter", "vip"]),
+        "tags are a union over sources"
+    );
+    let bo = store
+        .customer(&store.id_for_email("BO@example.com").unwrap().unwrap())
+        .unwrap()
+        .unwrap();
     assert_eq!(bo.id, "crm:11");
-    assert_eq!(bo.attributes["shopify_id"], json!(shopify::customer_id(13).to_string()));
+    assert_eq!(
+        bo.attributes["shopify_id"],
+        json!(shopify::customer_id(13).to_string())
+    );
 
     // Syncing again (in any letter case) changes nothing.
     let again = sync_with(&config, &store, None, true).await;
@@ -530,7 +664,11 @@ async fn clean_run(instances: &str) -> (Vec<Customer>, Option<Value>, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_killed_half_way_resumes_and_ends_with_the_same_store_as_a_clean_run() {
     // Cursor (HubSpot), offset (Mailchimp) and page-number (WooCommerce) pagination.
-    for make in [hubspot_vendor as MakeVendor, mailchimp_vendor, woocommerce_vendor] {
+    for make in [
+        hubspot_vendor as MakeVendor,
+        mailchimp_vendor,
+        woocommerce_vendor,
+    ] {
         let book = book(2000);
         let v = make(&book, Faults::default());
         let instance = format!("{}page_size = 100\n", v.instance);
@@ -547,22 +685,41 @@ async fn a_sync_killed_half_way_resumes_and_ends_with_the_same_store_as_a_clean_
                 kill.notify_one();
             }
         };
+        let opts = SyncOptions::default();
         tokio::select! {
-            r = connectors::sync_all(&config, &store, None, &SyncOptions::default(), clock(), &progress) => {
+            r = connectors::sync_all(&config, &store, None, &opts, clock(), &progress) => {
                 panic!("{name}: the sync ended before it was killed: {r:?}")
             }
             _ = kill.notified() => {}
         }
         let stored = store.customer_count().unwrap();
-        assert!(stored >= 400 && stored < 2000, "{name}: killed half way with {stored} stored");
+        assert!(
+            (400..2000).contains(&stored),
+            "{name}: killed half way with {stored} stored"
+        );
         assert_eq!(stored % 100, 0, "{name}: whole pages only");
-        assert!(cursor(&store, &name).unwrap()["run"].is_object(), "{name}: the position is stored");
+        assert!(
+            cursor(&store, &name).unwrap()["run"].is_object(),
+            "{name}: the position is stored"
+        );
 
         let r = ok(&sync(&config, &store).await, &name);
         assert!(r.resumed, "{name}: {r:?}");
-        assert_eq!(r.fetched, 2000 - stored, "{name}: resumes after the last committed page");
-        assert_eq!(dump(&store), clean, "{name}: the same store as one clean run");
-        assert_eq!(cursor(&store, &name), clean_cursor, "{name}: the same sync position");
+        assert_eq!(
+            r.fetched,
+            2000 - stored,
+            "{name}: resumes after the last committed page"
+        );
+        assert_eq!(
+            dump(&store),
+            clean,
+            "{name}: the same store as one clean run"
+        );
+        assert_eq!(
+            cursor(&store, &name),
+            clean_cursor,
+            "{name}: the same sync position"
+        );
     }
 }
 
@@ -584,15 +741,22 @@ async fn a_source_that_fails_hard_half_way_loses_nothing_and_the_rerun_completes
             });
         }
     };
-    let report = connectors::sync_all(&config, &store, None, &SyncOptions::default(), clock(), &progress)
-        .await
-        .unwrap();
+    let report = connectors::sync_all(
+        &config,
+        &store,
+        None,
+        &SyncOptions::default(),
+        clock(),
+        &progress,
+    )
+    .await
+    .unwrap();
     let r = &report["flows"];
     let err = r.error.as_deref().expect("the instance stopped");
     assert!(err.starts_with("flows: GET /api/profiles"), "{err}");
     assert!(err.contains("500"), "{err}");
     let stored = store.customer_count().unwrap();
-    assert!(stored >= 300 && stored < 900, "{stored}");
+    assert!((300..900).contains(&stored), "{stored}");
 
     (v.set_faults)(Faults::default());
     let r = ok(&sync(&config, &store).await, "flows");
@@ -608,14 +772,19 @@ async fn a_source_that_fails_hard_half_way_loses_nothing_and_the_rerun_completes
 fn seeded_store() -> (SledStore, Customer) {
     let store = SledStore::temporary().unwrap();
     let mut c = Customer::new("c-earlier");
-    c.attributes.insert("email".into(), json!("earlier@example.com"));
+    c.attributes
+        .insert("email".into(), json!("earlier@example.com"));
     c.attributes.insert("orders_count".into(), json!(3));
     store.merge_customers(vec![c.clone()]).unwrap();
     (store, c)
 }
 
 fn assert_kept(store: &SledStore, c: &Customer) {
-    assert_eq!(store.customer(&c.id).unwrap().as_ref(), Some(c), "what was stored before is intact");
+    assert_eq!(
+        store.customer(&c.id).unwrap().as_ref(),
+        Some(c),
+        "what was stored before is intact"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -624,14 +793,23 @@ async fn bad_credentials_stop_that_instance_with_the_variable_named_and_others_g
     let h = hubspot_vendor(&book, Faults::default());
     let m = mailchimp_vendor(&book, Faults::default());
     std::env::set_var("KLANTREIS_TEST_WRONG_HUBSPOT_TOKEN", "pat-na1-wrong");
-    let bad_hub = h.instance.replace(hubspot::DEFAULT_TOKEN, "${KLANTREIS_TEST_WRONG_HUBSPOT_TOKEN}");
+    let bad_hub = h.instance.replace(
+        hubspot::DEFAULT_TOKEN,
+        "${KLANTREIS_TEST_WRONG_HUBSPOT_TOKEN}",
+    );
     let config = Setup::new().config(&format!("{bad_hub}{}", m.instance));
     let (store, earlier) = seeded_store();
     let report = sync(&config, &store).await;
     let err = report["crm"].error.as_deref().expect("crm stops");
     assert!(err.contains("refused the credentials (401"), "{err}");
-    assert!(err.contains("`token` (from ${KLANTREIS_TEST_WRONG_HUBSPOT_TOKEN})"), "{err}");
-    assert!(!err.contains("pat-na1-wrong"), "never the secret itself: {err}");
+    assert!(
+        err.contains("`token` (from ${KLANTREIS_TEST_WRONG_HUBSPOT_TOKEN})"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("pat-na1-wrong"),
+        "never the secret itself: {err}"
+    );
     assert_eq!(report["crm"].requests, 1, "a 401 is not retried");
     let news = ok(&report, "news");
     assert_eq!(news.created, 150, "the other instance goes on");
@@ -642,21 +820,36 @@ async fn bad_credentials_stop_that_instance_with_the_variable_named_and_others_g
 async fn a_missing_variable_is_named_by_check_and_by_sync() {
     let book = book(10);
     let h = hubspot_vendor(&book, Faults::default());
-    let instance = h.instance.replace(hubspot::DEFAULT_TOKEN, "${KLANTREIS_TEST_SURELY_UNSET}");
+    let instance = h
+        .instance
+        .replace(hubspot::DEFAULT_TOKEN, "${KLANTREIS_TEST_SURELY_UNSET}");
     let setup = Setup::new();
     let config = setup.config(&instance);
     let problems = connectors::check(&config);
     assert_eq!(problems.len(), 1, "{problems:?}");
     let p = problems[0].to_string();
-    let line = Setup::text(&instance).lines().position(|l| l.starts_with("token =")).unwrap() + 1;
-    assert!(p.contains(&format!("config.toml:{line}:1: connector crm: `token`")), "{p}");
+    let line = Setup::text(&instance)
+        .lines()
+        .position(|l| l.starts_with("token ="))
+        .unwrap()
+        + 1;
+    assert!(
+        p.contains(&format!("config.toml:{line}:1: connector crm: `token`")),
+        "{p}"
+    );
     assert!(p.contains("KLANTREIS_TEST_SURELY_UNSET is not set"), "{p}");
 
     let (store, earlier) = seeded_store();
     let report = sync(&config, &store).await;
     let err = report["crm"].error.as_deref().unwrap();
-    assert!(err.contains("KLANTREIS_TEST_SURELY_UNSET is not set"), "{err}");
-    assert!((h.requests)().is_empty(), "nothing was sent without the credential");
+    assert!(
+        err.contains("KLANTREIS_TEST_SURELY_UNSET is not set"),
+        "{err}"
+    );
+    assert!(
+        (h.requests)().is_empty(),
+        "nothing was sent without the credential"
+    );
     assert_kept(&store, &earlier);
     assert_eq!(store.customer_count().unwrap(), 1);
 }
@@ -666,14 +859,28 @@ fn an_unknown_definition_is_a_config_error_at_its_place() {
     let setup = Setup::new();
     let instance = "[connectors.crm]\ntype = \"hubspto\"\ntoken = \"x\"\n";
     let err = setup.parse(instance).unwrap_err();
-    let line = Setup::text(instance).lines().position(|l| l.starts_with("type =")).unwrap() + 1;
-    assert!(err.contains(&format!("config.toml:{line}:8: unknown connector type \"hubspto\"")), "{err}");
+    let line = Setup::text(instance)
+        .lines()
+        .position(|l| l.starts_with("type ="))
+        .unwrap()
+        + 1;
+    assert!(
+        err.contains(&format!(
+            "config.toml:{line}:8: unknown connector type \"hubspto\""
+        )),
+        "{err}"
+    );
     assert!(err.contains("known: brevo, file, hubspot"), "{err}");
     let err = setup
         .parse("[connectors.crm]\ntype = \"hubspot\"\ntoken = \"x\"\ncolour = \"red\"\n")
         .unwrap_err();
-    assert!(err.contains("unknown key `colour` for a hubspot connector"), "{err}");
-    let err = setup.parse("[connectors.news]\ntype = \"mailchimp\"\napi_key = \"x-us6\"\n").unwrap_err();
+    assert!(
+        err.contains("unknown key `colour` for a hubspot connector"),
+        "{err}"
+    );
+    let err = setup
+        .parse("[connectors.news]\ntype = \"mailchimp\"\napi_key = \"x-us6\"\n")
+        .unwrap_err();
     assert!(err.contains("connector \"news\" needs `list_id`"), "{err}");
 }
 
@@ -702,12 +909,20 @@ async fn a_malformed_page_stops_the_instance_keeps_earlier_pages_and_the_rerun_r
         .respond_with(ResponseTemplate::new(200).set_body_string("<html>upstream hiccup</html>"))
         .mount(&server)
         .await;
-    let instance = format!("[connectors.crm]\ntype = \"hubspot\"\nbase_url = \"{}\"\ntoken = \"t\"\n{QUICK}", server.uri());
+    let instance = format!(
+        "[connectors.crm]\ntype = \"hubspot\"\nbase_url = \"{}\"\ntoken = \"t\"\n{QUICK}",
+        server.uri()
+    );
     let config = Setup::new().config(&instance);
     let (store, earlier) = seeded_store();
     let report = sync(&config, &store).await;
     let err = report["crm"].error.as_deref().unwrap();
-    assert!(err.starts_with("crm: malformed page 2 (GET /crm/v3/objects/contacts): the body is not JSON"), "{err}");
+    assert!(
+        err.starts_with(
+            "crm: malformed page 2 (GET /crm/v3/objects/contacts): the body is not JSON"
+        ),
+        "{err}"
+    );
     assert_eq!(store.customer_count().unwrap(), 3, "page 1 is stored");
     assert_kept(&store, &earlier);
 
@@ -719,13 +934,19 @@ async fn a_malformed_page_stops_the_instance_keeps_earlier_pages_and_the_rerun_r
         .mount(&server)
         .await;
     let err = sync(&config, &store).await["crm"].error.clone().unwrap();
-    assert!(err.contains("expected a list of records at \"results\", found an object"), "{err}");
+    assert!(
+        err.contains("expected a list of records at \"results\", found an object"),
+        "{err}"
+    );
 
     // Fixed: the rerun asks for page 2, not page 1.
     server.reset().await;
     Mock::given(method("GET"))
         .and(query_param("after", "p2"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"results": [hs_record("3", json!("c@example.com"))]})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"results": [hs_record("3", json!("c@example.com"))]})),
+        )
         .mount(&server)
         .await;
     let r = ok(&sync(&config, &store).await, "crm");
@@ -752,25 +973,44 @@ async fn records_that_fail_mapping_are_reported_with_their_id_and_skipped() {
         .respond_with(ResponseTemplate::new(200).set_body_json(page))
         .mount(&server)
         .await;
-    let instance = format!("[connectors.crm]\ntype = \"hubspot\"\nbase_url = \"{}\"\ntoken = \"t\"\n{QUICK}", server.uri());
+    let instance = format!(
+        "[connectors.crm]\ntype = \"hubspot\"\nbase_url = \"{}\"\ntoken = \"t\"\n{QUICK}",
+        server.uri()
+    );
     let config = Setup::new().config(&instance);
     let store = SledStore::temporary().unwrap();
     let report = sync(&config, &store).await;
     let r = &report["crm"];
     assert_eq!(r.error, None);
-    assert_eq!((r.fetched, r.created, r.skipped, r.errors), (5, 2, 3, 3), "{r:?}");
-    let skipped: Vec<(String, String)> =
-        r.skipped_records.iter().map(|s| (s.record.clone(), s.reason.clone())).collect();
+    assert_eq!(
+        (r.fetched, r.created, r.skipped, r.errors),
+        (5, 2, 3, 3),
+        "{r:?}"
+    );
+    let skipped: Vec<(String, String)> = r
+        .skipped_records
+        .iter()
+        .map(|s| (s.record.clone(), s.reason.clone()))
+        .collect();
     assert_eq!(
         skipped,
         vec![
-            ("#2 of page 1".to_string(), "the record has no id".to_string()),
-            ("17".to_string(), "email \"not-an-address\" is not an address".to_string()),
+            (
+                "#2 of page 1".to_string(),
+                "the record has no id".to_string()
+            ),
+            (
+                "17".to_string(),
+                "email \"not-an-address\" is not an address".to_string()
+            ),
             ("18".to_string(), "email is not a string: 42".to_string()),
         ]
     );
     // A record without an email is kept under its source-prefixed id.
-    assert_eq!(store.customer("crm:2").unwrap().unwrap().attributes["hubspot_id"], json!("2"));
+    assert_eq!(
+        store.customer("crm:2").unwrap().unwrap().attributes["hubspot_id"],
+        json!("2")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -793,7 +1033,13 @@ async fn hubspots_daily_limit_stops_at_once_with_its_message() {
     let config = Setup::new().config(&instance);
     let store = SledStore::temporary().unwrap();
     let r = sync(&config, &store).await["crm"].clone();
-    assert!(r.error.as_deref().unwrap().contains("HubSpot's daily API limit is reached"), "{r:?}");
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap()
+            .contains("HubSpot's daily API limit is reached"),
+        "{r:?}"
+    );
     assert_eq!(s.request_count(), 1, "waiting does not help, so no retries");
 }
 
@@ -803,7 +1049,13 @@ fn connector(instance: &str, name: &str) -> Connector {
     let setup = Setup::new();
     let config = setup.config(instance);
     let inst = config.connectors.iter().find(|c| c.name == name).unwrap();
-    Connector::build(inst, &Registry::new(&config.connectors_dir), &config.base_dir, clock()).unwrap()
+    Connector::build(
+        inst,
+        &Registry::new(&config.connectors_dir),
+        &config.base_dir,
+        clock(),
+    )
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -826,12 +1078,30 @@ async fn outbound_requests_reach_each_vendor_in_its_wire_format() {
     // Mailchimp: tags, addressed by the md5 of the lower-cased email.
     let m = mailchimp_vendor(&book, Faults::default());
     let c = connector(&m.instance, "news");
-    let r = c.send("add_tags", &json!({"customer": customer, "tags": ["VIP", "b2b"]})).await.unwrap();
+    let r = c
+        .send(
+            "add_tags",
+            &json!({"customer": customer, "tags": ["VIP", "b2b"]}),
+        )
+        .await
+        .unwrap();
     assert_eq!((r.status, r.body.clone()), (204, Value::Null));
-    c.send("remove_tags", &json!({"customer": customer, "tags": ["b2b"]})).await.unwrap();
+    c.send(
+        "remove_tags",
+        &json!({"customer": customer, "tags": ["b2b"]}),
+    )
+    .await
+    .unwrap();
     let reqs = (m.requests)();
     let tag_req = reqs.iter().find(|q| q.method == "POST").unwrap();
-    assert_eq!(tag_req.path, format!("/3.0/lists/{}/members/{}/tags", mailchimp::DEFAULT_LIST_ID, subscriber_hash(&ann.email)));
+    assert_eq!(
+        tag_req.path,
+        format!(
+            "/3.0/lists/{}/members/{}/tags",
+            mailchimp::DEFAULT_LIST_ID,
+            subscriber_hash(&ann.email)
+        )
+    );
     assert_eq!(
         tag_req.json().unwrap(),
         json!({"tags": [{"name": "VIP", "status": "active"}, {"name": "b2b", "status": "active"}], "is_syncing": false})
@@ -842,7 +1112,11 @@ async fn outbound_requests_reach_each_vendor_in_its_wire_format() {
         contacts: book.clone(),
         ..Default::default()
     }));
-    let inst = format!("[connectors.flows]\ntype = \"klaviyo\"\nbase_url = \"{}\"\napi_key = \"{}\"\n", k.base_url, klaviyo::DEFAULT_API_KEY);
+    let inst = format!(
+        "[connectors.flows]\ntype = \"klaviyo\"\nbase_url = \"{}\"\napi_key = \"{}\"\n",
+        k.base_url,
+        klaviyo::DEFAULT_API_KEY
+    );
     let c = connector(&inst, "flows");
     let ctx = json!({"customer": customer, "metric": "Review Requested", "properties": {"OrderId": "1001"},
                      "time": "2024-03-01T10:00:00+00:00", "value": 49.99, "unique_id": "order-1001-review"});
@@ -852,7 +1126,11 @@ async fn outbound_requests_reach_each_vendor_in_its_wire_format() {
     assert_eq!(events.len(), 1, "the unique_id makes a repeat harmless");
     assert_eq!(events[0].metric, "Review Requested");
     assert_eq!(k.duplicates(), 1);
-    let req = k.requests().into_iter().find(|q| q.method == "POST").unwrap();
+    let req = k
+        .requests()
+        .into_iter()
+        .find(|q| q.method == "POST")
+        .unwrap();
     assert_eq!(req.header("revision"), Some(klaviyo::REVISION));
     assert_eq!(req.header("content-type"), Some(klaviyo::MEDIA_TYPE));
 
@@ -861,9 +1139,19 @@ async fn outbound_requests_reach_each_vendor_in_its_wire_format() {
     let c = connector(&s.instance, "shop");
     let ctx = json!({"code": "THANKS-7F3K", "percentage": 0.1, "title": "Review thank-you 10%",
                      "starts_at": "2024-03-01T00:00:00Z"});
-    assert_eq!(c.send("create_discount_code", &ctx).await.unwrap().status, 200);
-    let err = c.send("create_discount_code", &ctx).await.unwrap_err().to_string();
-    assert!(err.contains("TAKEN") || err.contains("taken") || err.contains("unique"), "{err}");
+    assert_eq!(
+        c.send("create_discount_code", &ctx).await.unwrap().status,
+        200
+    );
+    let err = c
+        .send("create_discount_code", &ctx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("TAKEN") || err.contains("taken") || err.contains("unique"),
+        "{err}"
+    );
 
     // WooCommerce: a coupon.
     let w = Arc::new(woocommerce::start_blocking(woocommerce::Config {
@@ -878,7 +1166,10 @@ async fn outbound_requests_reach_each_vendor_in_its_wire_format() {
     );
     let c = connector(&inst, "woo");
     let r = c
-        .send("create_coupon", &json!({"code": "10off", "amount": 10, "email": "ann@example.com"}))
+        .send(
+            "create_coupon",
+            &json!({"code": "10off", "amount": 10, "email": "ann@example.com"}),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 201);
@@ -920,13 +1211,25 @@ async fn the_webhook_is_signed_and_retried_only_when_safe() {
     assert_eq!(req.json().unwrap(), payload);
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap();
     mac.update(&req.body);
-    let want: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(req.header("x-klantreis-signature"), Some(format!("sha256={want}").as_str()));
+    let want: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        req.header("x-klantreis-signature"),
+        Some(format!("sha256={want}").as_str())
+    );
 
     // A POST that got a 500 may have done its work: it is not repeated.
     hook.clear_requests();
     hook.push_statuses(&[500]);
-    let err = c.send("send", &json!({"payload": payload})).await.unwrap_err().to_string();
+    let err = c
+        .send("send", &json!({"payload": payload}))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("answered 500"), "{err}");
     assert_eq!(hook.requests().len(), 1);
 }
@@ -938,18 +1241,34 @@ fn outbound_templates_render_without_sending() {
         "news",
     );
     let r = c
-        .render_request("add_tags", &json!({"customer": {"email": " Urist.McVankab@freddiesjokes.com "}, "tags": ["VIP"]}))
+        .render_request(
+            "add_tags",
+            &json!({"customer": {"email": " Urist.McVankab@freddiesjokes.com "}, "tags": ["VIP"]}),
+        )
         .unwrap();
     assert_eq!(r.method, "POST");
     assert_eq!(
         r.url,
         "https://us6.api.mailchimp.com/3.0/lists/57afe96172/members/62eeb292278cc15f5817cb78f7790b08/tags"
     );
-    assert!(r.headers.is_empty(), "no credentials in a rendering: {:?}", r.headers);
-    let err = c.render_request("add_tags", &json!({"customer": {}})).unwrap_err().to_string();
+    assert!(
+        r.headers.is_empty(),
+        "no credentials in a rendering: {:?}",
+        r.headers
+    );
+    let err = c
+        .render_request("add_tags", &json!({"customer": {}}))
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with("news: requests.add_tags.path:"), "{err}");
-    let err = c.render_request("nope", &json!({})).unwrap_err().to_string();
-    assert_eq!(err, "news: no request named \"nope\" (this connector has: add_tags, remove_tags)");
+    let err = c
+        .render_request("nope", &json!({}))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "news: no request named \"nope\" (this connector has: add_tags, remove_tags)"
+    );
 }
 
 // ------------------------------------------------------------- definitions and check
@@ -960,60 +1279,159 @@ fn a_new_rest_source_is_a_file_in_connectors_and_an_instance() {
     let dir = setup.dir.path().join("connectors");
     std::fs::create_dir_all(&dir).unwrap();
     // The README's worked example, verbatim.
-    let readme = std::fs::read_to_string(crate::support::repo().join("connectors/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(crate::support::repo().join("connectors/README.md")).unwrap();
     let def = readme
         .split("```toml\n# connectors/acme.toml")
         .nth(1)
         .and_then(|s| s.split("```").next())
         .expect("the README has the acme example");
-    std::fs::write(dir.join("acme.toml"), format!("# connectors/acme.toml{def}")).unwrap();
+    std::fs::write(
+        dir.join("acme.toml"),
+        format!("# connectors/acme.toml{def}"),
+    )
+    .unwrap();
     let config = setup.config("[connectors.acme]\ntype = \"acme\"\nbase_url = \"https://acme.example\"\napi_key = \"k\"\n");
-    assert!(connectors::check(&config).is_empty(), "{:?}", connectors::check(&config));
+    assert!(
+        connectors::check(&config).is_empty(),
+        "{:?}",
+        connectors::check(&config)
+    );
     let c = connector_in(&config, "acme");
     assert!(c.pulls());
 
     // A broken template in a definition is reported at its line in that file.
-    std::fs::write(dir.join("broken.toml"), "base_url = \"https://x\"\n[requests.ping]\npath = \"/{{ x \"\n").unwrap();
-    let problems: Vec<String> = connectors::check(&config).iter().map(ToString::to_string).collect();
+    std::fs::write(
+        dir.join("broken.toml"),
+        "base_url = \"https://x\"\n[requests.ping]\npath = \"/{{ x \"\n",
+    )
+    .unwrap();
+    let problems: Vec<String> = connectors::check(&config)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].contains("broken.toml:3:8: bad template"), "{problems:?}");
+    assert!(
+        problems[0].contains("broken.toml:3:8: bad template"),
+        "{problems:?}"
+    );
 }
 
 fn connector_in(config: &Config, name: &str) -> Connector {
     let inst = config.connectors.iter().find(|c| c.name == name).unwrap();
-    Connector::build(inst, &Registry::new(&config.connectors_dir), &config.base_dir, clock()).unwrap()
+    Connector::build(
+        inst,
+        &Registry::new(&config.connectors_dir),
+        &config.base_dir,
+        clock(),
+    )
+    .unwrap()
 }
 
 #[test]
 fn secrets_never_show_in_debug_output() {
     let setup = Setup::new();
-    let config = setup.config("[connectors.crm]\ntype = \"hubspot\"\ntoken = \"pat-na1-secret-value\"\n");
+    let config =
+        setup.config("[connectors.crm]\ntype = \"hubspot\"\ntoken = \"pat-na1-secret-value\"\n");
     let shown = format!("{config:?} {:?}", connector_in(&config, "crm"));
     assert!(!shown.contains("secret-value"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_makes_one_authenticated_request_per_instance() {
+    let book = book(3);
+    let h = hubspot_vendor(&book, Faults::default());
+    let k = klaviyo_vendor(&book, Faults::default());
+    let bad = k.instance.replace(klaviyo::DEFAULT_API_KEY, "pk_wrong");
+    let config = Setup::new().config(&format!("{}{bad}", h.instance));
+    let checks = connectors::check_online(&config, clock()).await;
+    assert_eq!(checks.len(), 2, "{checks:?}");
+    assert_eq!(
+        (checks[0].instance.as_str(), checks[0].ok),
+        ("crm", true),
+        "{checks:?}"
+    );
+    assert!(
+        checks[0]
+            .message
+            .starts_with("GET /crm/v3/objects/contacts answered 200"),
+        "{checks:?}"
+    );
+    assert_eq!(
+        (checks[1].instance.as_str(), checks[1].ok),
+        ("flows", false),
+        "{checks:?}"
+    );
+    assert!(
+        checks[1].message.contains("refused the credentials (401"),
+        "{checks:?}"
+    );
+    let reqs = (h.requests)();
+    assert_eq!(reqs.len(), 1, "one cheap request");
+    assert_eq!(reqs[0].query_param("limit").as_deref(), Some("1"));
+    assert_eq!(
+        (k.requests)()[0].query_param("page[size]").as_deref(),
+        Some("1")
+    );
 }
 
 // ------------------------------------------------------------------------- the CLI
 
 #[test]
-fn klantreis_sync_json_reports_each_instance() {
+fn klantreis_sync_pulls_all_six_vendors_into_one_customer_per_person() {
+    // All six serve the same people, with 500s and 429s along the way.
     let book = book(250);
-    let h = hubspot_vendor(&book, Faults {
+    let faults = Faults {
         fail_every: Some(3),
+        throttle_every: Some(5),
         ..Default::default()
-    });
+    };
+    let vendors: Vec<Vendor> = VENDORS.iter().map(|make| make(&book, faults)).collect();
     let sb = Sandbox::shipped();
     let config = std::fs::read_to_string(sb.config()).unwrap();
     // The shipped demo instance points at examples/, which this sandbox lacks.
-    let config = config.replace("[connectors.demo]\ntype = \"file\"\npath = \"examples/customers.jsonl\"\n", "");
-    sb.write("config.toml", &format!("{config}\n{}", h.instance));
+    let config = config.replace(
+        "[connectors.demo]\ntype = \"file\"\npath = \"examples/customers.jsonl\"\n",
+        "",
+    );
+    // Pages of 50, so that every vendor pages and meets the faults.
+    let instances: String = vendors
+        .iter()
+        .map(|v| format!("{}page_size = 50\n", v.instance))
+        .collect();
+    sb.write("config.toml", &format!("{config}\n{instances}"));
     let o = sb.run(&["sync", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    assert_eq!(v["crm"]["fetched"], json!(250));
-    assert_eq!(v["crm"]["created"], json!(250));
-    assert_eq!(v["crm"]["updated"], json!(0));
-    assert_eq!(v["crm"]["errors"], json!(0));
-    assert!(v["crm"]["retried"].as_u64().unwrap() > 0);
+    // Instances go in name order: crm (HubSpot) names everyone, the rest join by email.
+    assert_eq!(v["crm"]["created"], json!(250), "{v:#}");
+    for name in ["crm", "flows", "news", "shop", "so", "woo"] {
+        assert_eq!(v[name]["fetched"], json!(250), "{name}: {v:#}");
+        assert_eq!(v[name]["errors"], json!(0), "{name}: {v:#}");
+        assert!(v[name]["retried"].as_u64().unwrap() > 0, "{name}: {v:#}");
+        if name != "crm" {
+            assert_eq!(
+                (&v[name]["created"], &v[name]["updated"]),
+                (&json!(0), &json!(250)),
+                "{name}: {v:#}"
+            );
+        }
+    }
+    let store = SledStore::open(&sb.path().join("data/klantreis"), 8).unwrap();
+    assert_eq!(store.customer_count().unwrap(), 250);
+    for c in book.all() {
+        let cust = store
+            .customer(&store.id_for_email(&c.email).unwrap().unwrap())
+            .unwrap()
+            .unwrap();
+        for v in &vendors {
+            assert_eq!(
+                cust.attributes[&format!("{}_id", v.prefix)],
+                json!((v.source_id)(&c))
+            );
+        }
+    }
+    drop(store);
 
     let o = sb.run(&["sync", "crm"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -1021,7 +1439,11 @@ fn klantreis_sync_json_reports_each_instance() {
     assert!(stdout(&o).contains("(incremental)"), "{}", stdout(&o));
     let o = sb.run(&["sync", "nosuch"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("no connector instance named \"nosuch\""), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no connector instance named \"nosuch\""),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -1035,7 +1457,11 @@ fn nurture_syncs_the_demo_file_first_unless_told_not_to() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["evaluated"], json!(300));
-    assert!(stderr(&o).contains("sync demo: fetched 300, created 300"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("sync demo: fetched 300, created 300"),
+        "{}",
+        stderr(&o)
+    );
     let o = sb.run(&["check", "--online"]);
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("online ok demo: "), "{}", stdout(&o));

@@ -1,0 +1,877 @@
+//! Actions through the outbox (issue 4): each kind's exact request against the
+//! vendor fakes, faults (500, 429, timeouts, refused connections), exactly once under
+//! repeated runs and SIGKILL, re-entry, and one test per guard that fails without it.
+
+use chrono::{DateTime, Duration, Utc};
+use klantreis::actions::Actions;
+use klantreis::clock::{FixedClock, SharedClock};
+use klantreis::config::Config;
+use klantreis::fakes::{self, Faults};
+use klantreis::model::Customer;
+use klantreis::nurture::{self, NurtureOptions};
+use klantreis::outbox::{self, DispatchOptions, State};
+use klantreis::rules::RuleSet;
+use klantreis::store::{OutboxStore, SledStore, Store};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const T0: &str = "2026-11-20T12:00:00Z";
+
+fn t0() -> DateTime<Utc> {
+    T0.parse().unwrap()
+}
+
+/// A journey whose phase is the customer's `stage` attribute, so tests move
+/// customers by hand.
+const RULE: &str = "fn phase(c) { if c.stage == () { return (); } c.stage }\n";
+
+struct World {
+    dir: tempfile::TempDir,
+    config: Config,
+    rules: RuleSet,
+    actions: Actions,
+    store: SledStore,
+}
+
+fn config_text(extra: &str) -> String {
+    format!(
+        r#"[store]
+path = "data/store"
+
+[outbox]
+log_path = "data/actions.jsonl"
+max_attempts = 4
+retry_base_secs = 2
+retry_max_secs = 8
+timezone = "UTC"
+quiet_hours = ""
+concurrency = 4
+timeout_secs = 2
+
+[[journeys]]
+name = "lifecycle"
+rules = "rules/j.rhai"
+phases = ["kijk", "koester"]
+
+{extra}
+"#
+    )
+}
+
+fn world(extra: &str) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+    std::fs::create_dir_all(dir.path().join("templates")).unwrap();
+    std::fs::write(dir.path().join("rules/j.rhai"), RULE).unwrap();
+    std::fs::write(
+        dir.path().join("templates/coupon.html"),
+        "Hi {{ customer.first_name }}, code {{ coupon_code }}",
+    )
+    .unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config_text(extra)).unwrap();
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let rules = RuleSet::load(&config).unwrap();
+    let actions = Actions::build(&config).unwrap_or_else(|e| panic!("{e}"));
+    let store = SledStore::open(&config.store.path, 16).unwrap();
+    World {
+        dir,
+        config,
+        rules,
+        actions,
+        store,
+    }
+}
+
+fn customer(id: &str, stage: Option<&str>, attrs: Value) -> Customer {
+    let mut c = Customer::new(id);
+    if let Value::Object(m) = attrs {
+        c.attributes = m;
+    }
+    c.attributes
+        .insert("stage".into(), stage.map_or(Value::Null, |s| json!(s)));
+    if stage.is_none() {
+        c.attributes.remove("stage");
+    }
+    c
+}
+
+impl World {
+    fn put(&self, c: Customer) {
+        self.store.merge_customers(vec![c]).unwrap();
+    }
+
+    fn set_stage(&self, id: &str, stage: Option<&str>) {
+        let mut c = self.store.customer(id).unwrap().unwrap();
+        match stage {
+            Some(s) => c.attributes.insert("stage".into(), json!(s)),
+            None => c.attributes.insert("stage".into(), json!(null)),
+        };
+        // Merging keeps attributes it does not see, so write the record through a
+        // forget-free path: the new value wins.
+        self.store.merge_customers(vec![c]).unwrap();
+    }
+
+    fn nurture(&self, at: DateTime<Utc>) -> nurture::NurtureSummary {
+        nurture::run_with_actions(
+            &self.store,
+            &self.rules,
+            Some(&self.actions),
+            &NurtureOptions::at(at),
+            &|_| {},
+        )
+        .unwrap()
+    }
+
+    fn dispatch(&self, at: DateTime<Utc>) -> outbox::DispatchReport {
+        let clock: SharedClock = Arc::new(FixedClock::new(at));
+        outbox::dispatch(
+            &self.store,
+            &self.actions,
+            &self.config,
+            clock,
+            &[],
+            &DispatchOptions::default(),
+        )
+        .unwrap()
+    }
+
+    /// Dispatches at increasing times until nothing is open (or `rounds` runs).
+    fn drain(&self, mut at: DateTime<Utc>, rounds: usize) -> DateTime<Utc> {
+        for _ in 0..rounds {
+            self.dispatch(at);
+            match self.store.outbox_next_due().unwrap() {
+                None => break,
+                Some(d) => {
+                    at = DateTime::from_timestamp(d.max(at.timestamp() + 1), 0).unwrap();
+                }
+            }
+        }
+        at
+    }
+
+    fn entries(&self) -> Vec<outbox::Entry> {
+        outbox::list(&self.store, None).unwrap()
+    }
+
+    fn log_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("data/actions.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn log_action(name: &str, extra: &str) -> String {
+    format!(
+        "[[actions]]\nname = \"{name}\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"log\"\n{extra}\n"
+    )
+}
+
+// ---------------------------------------------------------------- outbox basics
+
+#[test]
+fn transition_and_entries_are_planned_together_and_dispatched_once() {
+    let w = world(&log_action(
+        "hello",
+        "trigger = \"enter\"\nwhen = \"customer.total_spent >= 100\"",
+    ));
+    w.put(customer(
+        "rich",
+        Some("koester"),
+        json!({"total_spent": 150}),
+    ));
+    w.put(customer(
+        "poor",
+        Some("koester"),
+        json!({"total_spent": 50}),
+    ));
+    w.put(customer("away", Some("kijk"), json!({"total_spent": 500})));
+    let s = w.nurture(t0());
+    assert_eq!(s.actions_planned.get("hello"), Some(&1));
+    // Two runs at the same instant, and a dispatch between: nothing twice.
+    w.dispatch(t0());
+    let s2 = w.nurture(t0());
+    assert!(s2.actions_planned.is_empty());
+    w.dispatch(t0());
+    let lines = w.log_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["customer"], "rich");
+    let e = &w.entries()[0];
+    assert_eq!(e.state, State::Done);
+    assert_eq!(w.store.history("rich").unwrap().len(), 1);
+}
+
+#[test]
+fn a_dry_run_lists_payloads_and_writes_nothing() {
+    let w = world(&log_action("hello", ""));
+    w.put(customer("a", Some("koester"), json!({})));
+    let mut opts = NurtureOptions::at(t0());
+    opts.dry_run = true;
+    let s =
+        nurture::run_with_actions(&w.store, &w.rules, Some(&w.actions), &opts, &|_| {}).unwrap();
+    let clock: SharedClock = Arc::new(FixedClock::new(t0()));
+    let r = outbox::dispatch(
+        &w.store,
+        &w.actions,
+        &w.config,
+        clock,
+        &s.planned,
+        &DispatchOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.fired.len(), 1);
+    assert_eq!(r.fired[0].outcome, "would_send");
+    assert!(w.entries().is_empty());
+    assert!(w.store.phase_states("a").unwrap().is_empty());
+    assert!(w.log_lines().is_empty());
+}
+
+// ---------------------------------------------------------------- re-entry
+
+fn reentry_coupons(policy: &str) -> usize {
+    let w = world(&log_action(
+        "coupon",
+        &format!("trigger = \"enter\"\nreentry = \"{policy}\""),
+    ));
+    w.put(customer("c", Some("koester"), json!({})));
+    w.nurture(t0());
+    w.dispatch(t0());
+    w.set_stage("c", Some("kijk"));
+    w.nurture(t0() + Duration::days(1));
+    w.set_stage("c", Some("koester"));
+    w.nurture(t0() + Duration::days(2));
+    w.dispatch(t0() + Duration::days(2));
+    w.log_lines().len()
+}
+
+#[test]
+fn leaving_and_re_entering_gives_a_second_coupon_only_if_the_policy_says_so() {
+    assert_eq!(reentry_coupons("once_per_customer"), 1);
+    assert_eq!(reentry_coupons("once_per_phase_entry"), 2);
+}
+
+// ---------------------------------------------------------------- guards
+
+#[test]
+fn consent_guard_skips_marketing_without_consent() {
+    let w = world(&log_action(
+        "promo",
+        "channel = \"email\"\nmarketing = true",
+    ));
+    w.put(customer(
+        "yes",
+        Some("koester"),
+        json!({"consent_email": true}),
+    ));
+    w.put(customer(
+        "no",
+        Some("koester"),
+        json!({"consent_email": false}),
+    ));
+    w.put(customer("unknown", Some("koester"), json!({})));
+    w.nurture(t0());
+    w.dispatch(t0());
+    let who: Vec<String> = w
+        .log_lines()
+        .iter()
+        .map(|l| l["customer"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(who, ["yes"]);
+    let skipped = w
+        .entries()
+        .iter()
+        .filter(|e| e.state == State::Skipped)
+        .count();
+    assert_eq!(skipped, 2);
+}
+
+#[test]
+fn transactional_actions_ignore_consent() {
+    let w = world(&log_action(
+        "receipt",
+        "channel = \"email\"\nmarketing = false",
+    ));
+    w.put(customer(
+        "no",
+        Some("koester"),
+        json!({"consent_email": false}),
+    ));
+    w.nurture(t0());
+    w.dispatch(t0());
+    assert_eq!(w.log_lines().len(), 1);
+}
+
+#[test]
+fn frequency_cap_defers_the_second_email_within_the_window() {
+    let extra = format!(
+        "{}{}",
+        log_action("first", "channel = \"email\"\nmarketing = false"),
+        log_action(
+            "second",
+            "channel = \"email\"\nmarketing = false\ncap = { max = 1, per_days = 3 }"
+        )
+    );
+    let w = world(&extra);
+    w.put(customer("c", Some("koester"), json!({})));
+    w.nurture(t0());
+    w.dispatch(t0());
+    w.dispatch(t0() + Duration::hours(1));
+    assert_eq!(w.log_lines().len(), 1, "the cap holds the second back");
+    let pending: Vec<_> = w
+        .entries()
+        .into_iter()
+        .filter(|e| e.state == State::Pending)
+        .collect();
+    assert_eq!(pending.len(), 1, "deferred, not dropped");
+    assert!(pending[0].due >= (t0() + Duration::days(3)).timestamp());
+    w.dispatch(t0() + Duration::days(3) + Duration::minutes(1));
+    assert_eq!(w.log_lines().len(), 2, "sent once the window has passed");
+}
+
+#[test]
+fn global_channel_caps_apply_across_actions() {
+    let extra = format!(
+        "{}{}",
+        log_action("a", "channel = \"sms\"\nmarketing = false"),
+        log_action("b", "channel = \"sms\"\nmarketing = false")
+    );
+    let w = reconfigure(
+        world(&extra),
+        "quiet_hours = \"\"",
+        "quiet_hours = \"\"\ncaps = { sms = { max = 1, per_days = 1 } }",
+    );
+    w.put(customer("c", Some("koester"), json!({})));
+    w.nurture(t0());
+    w.dispatch(t0());
+    assert_eq!(w.log_lines().len(), 1, "one sms per day over both actions");
+    w.dispatch(t0() + Duration::days(1) + Duration::minutes(1));
+    assert_eq!(w.log_lines().len(), 2, "the other a day later, not dropped");
+}
+
+/// The same world with one line of config.toml replaced.
+fn reconfigure(w: World, from: &str, to: &str) -> World {
+    let path = w.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replacen(from, to, 1);
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let actions = Actions::build(&config).unwrap_or_else(|e| panic!("{e}"));
+    World {
+        config,
+        actions,
+        ..w
+    }
+}
+
+#[test]
+fn quiet_hours_defer_to_the_morning_in_the_customers_time_zone() {
+    let w = reconfigure(
+        world(&log_action(
+            "promo",
+            "channel = \"email\"\nmarketing = true",
+        )),
+        "quiet_hours = \"\"",
+        "quiet_hours = \"21:00-08:00\"",
+    );
+    // 21:30 UTC is 22:30 in Amsterdam (quiet) and 17:30 in Curaçao (not quiet).
+    let late = "2026-11-23T21:30:00Z".parse::<DateTime<Utc>>().unwrap();
+    w.put(customer(
+        "ams",
+        Some("koester"),
+        json!({"consent_email": true, "timezone": "Europe/Amsterdam"}),
+    ));
+    w.put(customer(
+        "cur",
+        Some("koester"),
+        json!({"consent_email": true, "timezone": "America/Curacao"}),
+    ));
+    w.nurture(late);
+    w.dispatch(late);
+    let who: Vec<String> = w
+        .log_lines()
+        .iter()
+        .map(|l| l["customer"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(who, ["cur"]);
+    let ams = w
+        .entries()
+        .into_iter()
+        .find(|e| e.customer == "ams")
+        .unwrap();
+    assert_eq!(ams.state, State::Pending, "deferred, never dropped");
+    // 08:00 in Amsterdam is 07:00 UTC.
+    assert_eq!(
+        ams.due,
+        "2026-11-24T07:00:00Z"
+            .parse::<DateTime<Utc>>()
+            .unwrap()
+            .timestamp()
+    );
+    w.dispatch("2026-11-24T07:00:00Z".parse().unwrap());
+    assert_eq!(w.log_lines().len(), 2);
+}
+
+#[test]
+fn leaving_the_phase_cancels_a_delayed_action() {
+    let w = world(&log_action("later", "trigger = \"after 7d\""));
+    w.put(customer("stays", Some("koester"), json!({})));
+    w.put(customer("leaves", Some("koester"), json!({})));
+    w.nurture(t0());
+    w.dispatch(t0());
+    assert!(w.log_lines().is_empty(), "not due yet");
+    w.set_stage("leaves", Some("kijk"));
+    w.nurture(t0() + Duration::days(1));
+    // Any later run fires the durable timer.
+    w.dispatch(t0() + Duration::days(8));
+    let who: Vec<String> = w
+        .log_lines()
+        .iter()
+        .map(|l| l["customer"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(who, ["stays"]);
+    let left = w
+        .entries()
+        .into_iter()
+        .find(|e| e.customer == "leaves")
+        .unwrap();
+    assert_eq!(left.state, State::Cancelled);
+}
+
+// ---------------------------------------------------------------- vendors
+
+fn connector(name: &str, kind: &str, base_url: &str, keys: &str) -> String {
+    format!(
+        "[connectors.{name}]\ntype = \"{kind}\"\nbase_url = \"{base_url}\"\nmax_retries = 0\n{keys}\n"
+    )
+}
+
+#[test]
+fn coupon_creates_a_shopify_code_and_emails_it_through_brevo() {
+    let shop = fakes::shopify::start_blocking(Default::default());
+    let brevo = fakes::brevo::start_blocking(Default::default());
+    let extra = format!(
+        "{}{}{}",
+        connector(
+            "shop",
+            "shopify",
+            &shop.base_url,
+            &format!("token = \"{}\"", fakes::shopify::DEFAULT_TOKEN)
+        ),
+        connector(
+            "mail",
+            "brevo",
+            &format!("{}/v3", brevo.base_url),
+            &format!(
+                "api_key = \"{}\"\nsender_email = \"shop@example.com\"",
+                fakes::brevo::DEFAULT_API_KEY
+            )
+        ),
+        "[[actions]]\nname = \"loyalty\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"coupon\"\nconnector = \"shop\"\nparams = { percent = 15, valid_days = 30, subject = \"For you\", template = \"coupon\", email_connector = \"mail\" }\n"
+    );
+    let w = world(&extra);
+    w.put(customer(
+        "ann",
+        Some("koester"),
+        json!({"email": "ann@example.com", "first_name": "Ann", "consent_email": true}),
+    ));
+    w.nurture(t0());
+    w.drain(t0(), 3);
+    let codes = shop.discount_codes();
+    assert_eq!(codes.len(), 1);
+    let e = &w.entries()[0];
+    assert_eq!(e.state, State::Done, "{e:?}");
+    assert_eq!(e.results["coupon_code"], json!(codes[0].code));
+    let gql = shop.requests_under("/admin/api/");
+    let body = gql[0].json().unwrap();
+    let input = &body["variables"]["basicCodeDiscount"];
+    assert_eq!(input["code"], json!(codes[0].code));
+    assert_eq!(input["customerGets"]["value"]["percentage"], json!(0.15));
+    let sent = brevo.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].to, ["ann@example.com"]);
+    assert_eq!(sent[0].params["coupon_code"], json!(codes[0].code));
+    assert!(sent[0].body["htmlContent"]
+        .as_str()
+        .unwrap()
+        .contains(&codes[0].code));
+}
+
+#[test]
+fn coupon_on_woocommerce_posts_the_exact_coupon() {
+    let woo = fakes::woocommerce::start_blocking(Default::default());
+    let extra = format!(
+        "{}{}",
+        connector(
+            "woo",
+            "woocommerce",
+            &format!("{}/wp-json/wc/v3", woo.base_url),
+            &format!(
+                "consumer_key = \"{}\"\nconsumer_secret = \"{}\"",
+                fakes::woocommerce::DEFAULT_CONSUMER_KEY,
+                fakes::woocommerce::DEFAULT_CONSUMER_SECRET
+            )
+        ),
+        "[[actions]]\nname = \"loyalty\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"coupon\"\nconnector = \"woo\"\nparams = { percent = 10 }\n"
+    );
+    let w = world(&extra);
+    w.put(customer(
+        "ann",
+        Some("koester"),
+        json!({"email": "ann@example.com", "consent_email": true}),
+    ));
+    w.nurture(t0());
+    w.drain(t0(), 3);
+    let coupons = woo.coupons();
+    assert_eq!(coupons.len(), 1, "{:?}", w.entries());
+    let req = &woo.requests_to("/wp-json/wc/v3/coupons")[0];
+    let body = req.json().unwrap();
+    assert_eq!(body["discount_type"], "percent");
+    assert_eq!(body["amount"], "10");
+    assert_eq!(body["email_restrictions"], json!(["ann@example.com"]));
+    assert_eq!(body["code"], coupons[0]["code"]);
+}
+
+#[test]
+fn crm_updates_make_the_vendors_exact_requests() {
+    let hs = fakes::hubspot::start_blocking(Default::default());
+    let mc = fakes::mailchimp::start_blocking(Default::default());
+    let kl = fakes::klaviyo::start_blocking(Default::default());
+    let email = hs.contacts().all()[0].email.clone();
+    // The fakes share one generated book: take a different person for each.
+    let mc_email = mc.contacts().all()[1].email.clone();
+    let kl_email = kl.contacts().all()[2].email.clone();
+    let extra = format!(
+        "{}{}{}{}",
+        connector("crm", "hubspot", &hs.base_url, &format!("token = \"{}\"", fakes::hubspot::DEFAULT_TOKEN)),
+        connector(
+            "news",
+            "mailchimp",
+            &format!("{}/3.0", mc.base_url),
+            &format!(
+                "api_key = \"{}\"\nlist_id = \"{}\"",
+                fakes::mailchimp::DEFAULT_API_KEY,
+                fakes::mailchimp::DEFAULT_LIST_ID
+            )
+        ),
+        connector("kl", "klaviyo", &kl.base_url, &format!("api_key = \"{}\"", fakes::klaviyo::DEFAULT_API_KEY)),
+        "[[actions]]\nname = \"hs\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"crm_update\"\nconnector = \"crm\"\nparams = { properties = { klantreis_phase = \"{{ phase }}\" } }\n\
+         [[actions]]\nname = \"mc\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"crm_update\"\nconnector = \"news\"\nparams = { tags = [\"loyal\"] }\n\
+         [[actions]]\nname = \"kl\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"crm_update\"\nconnector = \"kl\"\nparams = { metric = \"Entered koester\" }\n"
+    );
+    let w = world(&extra);
+    w.put(customer("h", Some("koester"), json!({"email": email})));
+    w.put(customer("m", Some("koester"), json!({"email": mc_email})));
+    w.put(customer("k", Some("koester"), json!({"email": kl_email})));
+    w.nurture(t0());
+    w.drain(t0(), 3);
+    // Every action ran for every customer; pick the vendor's own customer.
+    let patch: Vec<_> = hs
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.query_param("idProperty").as_deref() == Some("email"))
+        .collect();
+    let mine = patch
+        .iter()
+        .find(|r| r.path.contains(&email.replace('@', "%40")) || r.path.contains(&email))
+        .expect("a PATCH for the HubSpot contact");
+    assert_eq!(
+        mine.json().unwrap(),
+        json!({"properties": {"klantreis_phase": "koester"}})
+    );
+    let tags = mc.tag_updates();
+    let t = tags
+        .iter()
+        .find(|t| t.email == mc_email)
+        .expect("tags for the member");
+    assert_eq!(t.tags, [("loyal".to_string(), true)]);
+    let events = kl.events();
+    let ev = events
+        .iter()
+        .find(|e| e.profile.to_string().contains(&kl_email))
+        .expect("an event for the profile");
+    assert_eq!(ev.metric, "Entered koester");
+    let key = w
+        .entries()
+        .into_iter()
+        .find(|e| e.customer == "k" && e.action == "kl")
+        .unwrap()
+        .key;
+    assert_eq!(ev.unique_id.as_deref(), Some(key.as_str()));
+}
+
+#[test]
+fn webhook_is_signed_per_standard_webhooks_with_an_idempotency_key() {
+    let hook = fakes::webhook::start_blocking(Default::default());
+    // whsec_ + base64("klantreis-test-secret")
+    let secret = "whsec_a2xhbnRyZWlzLXRlc3Qtc2VjcmV0";
+    let extra = format!(
+        "{}[[actions]]\nname = \"hook\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"webhook\"\nconnector = \"hook\"\n",
+        connector("hook", "webhook", &hook.url("/in"), &format!("secret = \"{secret}\""))
+    );
+    let w = world(&extra);
+    w.put(customer(
+        "c",
+        Some("koester"),
+        json!({"email": "c@example.com"}),
+    ));
+    w.nurture(t0());
+    w.dispatch(t0());
+    let reqs = hook.requests();
+    assert_eq!(reqs.len(), 1);
+    let r = &reqs[0];
+    let key = &w.entries()[0].key;
+    assert_eq!(r.header("idempotency-key"), Some(key.as_str()));
+    assert_eq!(r.header("webhook-id"), Some(key.as_str()));
+    let ts: i64 = r.header("webhook-timestamp").unwrap().parse().unwrap();
+    assert_eq!(ts, t0().timestamp());
+    let want = klantreis::actions::kinds::standard_webhook_signature(secret, key, ts, &r.body);
+    assert_eq!(r.header("webhook-signature"), Some(want.as_str()));
+    // Independently: HMAC over "id.ts.body" keyed with the decoded secret.
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"klantreis-test-secret").unwrap();
+    mac.update(format!("{key}.{ts}.").as_bytes());
+    mac.update(&r.body);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    assert_eq!(want, format!("v1,{b64}"));
+    assert_eq!(r.json().unwrap()["customer"]["id"], "c");
+}
+
+// ---------------------------------------------------------------- faults
+
+fn webhook_world(url: &str, n: usize) -> World {
+    let extra = format!(
+        "{}[[actions]]\nname = \"hook\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"webhook\"\nconnector = \"hook\"\n",
+        connector("hook", "webhook", url, "")
+    );
+    let w = world(&extra);
+    let batch: Vec<Customer> = (0..n)
+        .map(|i| customer(&format!("c{i:03}"), Some("koester"), json!({})))
+        .collect();
+    w.store.merge_customers(batch).unwrap();
+    w.nurture(t0());
+    w
+}
+
+fn deliveries(reqs: &[fakes::RecordedRequest]) -> (usize, HashMap<String, usize>) {
+    let mut ok = HashMap::new();
+    for r in reqs.iter().filter(|r| (200..300).contains(&r.status)) {
+        *ok.entry(r.header("idempotency-key").unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    (reqs.len(), ok)
+}
+
+#[test]
+fn server_errors_and_throttling_end_exactly_once() {
+    let hook = fakes::webhook::start_blocking(fakes::webhook::Config {
+        faults: Faults {
+            fail_every: Some(3),
+            throttle_every: Some(4),
+            retry_after_secs: Some(1),
+            ..Faults::default()
+        },
+        ..Default::default()
+    });
+    let w = webhook_world(&hook.url("/in"), 40);
+    w.drain(t0(), 30);
+    let (_, ok) = deliveries(&hook.requests());
+    assert!(ok.values().all(|n| *n == 1), "none twice: {ok:?}");
+    let entries = w.entries();
+    assert_eq!(entries.len(), 40);
+    for e in &entries {
+        match e.state {
+            State::Done => assert!(ok.contains_key(&e.key), "done but never delivered: {e:?}"),
+            State::Dead => {
+                assert!(!ok.contains_key(&e.key));
+                assert!(e.last_error.as_deref().unwrap().contains("answered"), "{e:?}");
+            }
+            s => panic!("nothing may be left open or lost: {s:?}"),
+        }
+    }
+    assert!(ok.len() >= 30, "most get through: {}", ok.len());
+}
+
+#[test]
+fn a_receiver_that_keeps_failing_leaves_dead_letters_that_can_be_retried() {
+    let hook = fakes::webhook::start_blocking(fakes::webhook::Config {
+        then_status: 500,
+        ..Default::default()
+    });
+    let w = webhook_world(&hook.url("/in"), 3);
+    let at = w.drain(t0(), 20);
+    let dead = outbox::list(&w.store, Some(State::Dead)).unwrap();
+    assert_eq!(dead.len(), 3, "nothing lost: {:?}", w.entries());
+    assert!(dead
+        .iter()
+        .all(|e| e.attempts == 4 && e.last_error.as_deref().unwrap().contains("500")));
+    assert_eq!(hook.request_count(), 12);
+    // The receiver recovers; the dead letters are put back by hand and delivered.
+    hook.push_statuses(&[200, 200, 200]);
+    assert_eq!(outbox::retry_dead(&w.store, at.timestamp()).unwrap(), 3);
+    w.dispatch(at);
+    assert!(w.entries().iter().all(|e| e.state == State::Done));
+}
+
+#[test]
+fn timeouts_and_refused_connections_are_retried_until_delivered() {
+    // Refused: a port nothing listens on (bound, then closed).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let w = webhook_world(&format!("http://127.0.0.1:{port}/in"), 2);
+    w.dispatch(t0());
+    let open = w.entries();
+    assert!(open
+        .iter()
+        .all(|e| e.state == State::Pending && e.attempts == 1));
+    assert!(open[0].last_error.as_deref().unwrap().contains("refused"));
+
+    // Timeouts: a receiver slower than timeout_secs (2 s), then fast.
+    let hook = fakes::webhook::start_blocking(fakes::webhook::Config {
+        faults: Faults {
+            delay: std::time::Duration::from_millis(2500),
+            ..Faults::default()
+        },
+        ..Default::default()
+    });
+    let w = webhook_world(&hook.url("/in"), 2);
+    w.dispatch(t0());
+    assert!(w.entries().iter().all(
+        |e| e.state == State::Pending && e.last_error.as_deref().unwrap().contains("timed out")
+    ));
+    hook.set_faults(Faults::default());
+    w.drain(t0() + Duration::seconds(1), 10);
+    assert!(w.entries().iter().all(|e| e.state == State::Done));
+    // A timed-out request may have reached the receiver: the repeat carries the same
+    // key, so the receiver can tell (at-least-once on the wire, once per key).
+    let keys: HashSet<String> = hook
+        .requests()
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap().to_string())
+        .collect();
+    assert_eq!(keys.len(), 2);
+}
+
+// ---------------------------------------------------------------- SIGKILL
+
+fn kill_loop(extra_for: &dyn Fn(&str) -> String, url: &str, n: usize) -> (World, u32) {
+    let w = world(&extra_for(url));
+    let batch: Vec<Customer> = (0..n)
+        .map(|i| customer(&format!("c{i:03}"), Some("koester"), json!({})))
+        .collect();
+    w.store.merge_customers(batch).unwrap();
+    w.store.flush().unwrap();
+    let cfg: PathBuf = w.dir.path().join("config.toml");
+    let World {
+        dir,
+        config,
+        rules,
+        actions,
+        store,
+    } = w;
+    drop(store); // the binary needs the store
+    let mut kills = 0;
+    let mut rng_state = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..40 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_klantreis"))
+            .args([
+                "--config",
+                cfg.to_str().unwrap(),
+                "nurture",
+                "--no-sync",
+                "--now",
+                T0,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        if round < 12 {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            let ms = 30 + rng_state % 300;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            if child.try_wait().unwrap().is_none() {
+                // SIGKILL: no destructor, no flush.
+                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+                kills += 1;
+            }
+        }
+        let status = child.wait().unwrap();
+        if round >= 12 && status.success() {
+            let store = SledStore::open(&config.store.path, 16).unwrap();
+            let open = outbox::list(&store, None)
+                .unwrap()
+                .iter()
+                .filter(|e| e.state.is_open())
+                .count();
+            drop(store);
+            if open == 0 {
+                break;
+            }
+        }
+    }
+    let store = SledStore::open(&config.store.path, 16).unwrap();
+    (
+        World {
+            dir,
+            config,
+            rules,
+            actions,
+            store,
+        },
+        kills,
+    )
+}
+
+#[test]
+fn sigkill_loop_log_sink_writes_each_action_exactly_once() {
+    let (w, kills) = kill_loop(&|_| log_action("hello", ""), "", 3000);
+    let lines = w.log_lines();
+    eprintln!("log sink: {kills} kills, {} lines", lines.len());
+    let keys: HashSet<&str> = lines.iter().map(|l| l["key"].as_str().unwrap()).collect();
+    assert_eq!(keys.len(), 3000, "nothing lost ({kills} kills)");
+    assert_eq!(lines.len(), 3000, "nothing twice ({kills} kills)");
+    assert!(w.entries().iter().all(|e| e.state == State::Done));
+}
+
+#[test]
+fn sigkill_loop_webhook_delivers_every_key_and_repeats_only_in_flight_ones() {
+    let hook = fakes::webhook::start_blocking(fakes::webhook::Config {
+        faults: Faults {
+            delay: std::time::Duration::from_millis(3),
+            ..Faults::default()
+        },
+        ..Default::default()
+    });
+    let extra = |url: &str| {
+        format!(
+            "{}[[actions]]\nname = \"hook\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"webhook\"\nconnector = \"hook\"\n",
+            connector("hook", "webhook", url, "")
+        )
+    };
+    let (w, kills) = kill_loop(&extra, &hook.url("/in"), 400);
+    let (total, ok) = deliveries(&hook.requests());
+    assert_eq!(ok.len(), 400, "every action delivered ({kills} kills)");
+    assert!(w.entries().iter().all(|e| e.state == State::Done));
+    // A webhook receiver cannot be asked whether it got a request, so an attempt
+    // cut off by SIGKILL after sending is repeated with the same Idempotency-Key.
+    // Only attempts in flight at a kill can repeat: at most `concurrency` per kill.
+    let repeats = total - ok.len();
+    eprintln!("webhook: {kills} kills, {total} requests, {repeats} repeats");
+    assert!(
+        repeats <= kills as usize * 4,
+        "{repeats} repeats for {kills} kills"
+    );
+}
