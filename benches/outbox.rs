@@ -59,7 +59,8 @@ fn customers(n: usize) -> Vec<Customer> {
     (0..n)
         .map(|i| {
             let mut c = Customer::new(format!("c{i:07}"));
-            c.attributes.insert("email".into(), json!(format!("c{i}@example.com")));
+            c.attributes
+                .insert("email".into(), json!(format!("c{i}@example.com")));
             c.attributes.insert("total_spent".into(), json!(150.0));
             c.attributes.insert("orders_count".into(), json!(1));
             c.events = vec![

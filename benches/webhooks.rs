@@ -5,7 +5,8 @@
 //! in-process reqwest client on loopback with N deliveries in flight.
 //!
 //! `cargo bench --bench webhooks` (env `WEBHOOK_BENCH_N` = deliveries per level,
-//! default 20000; `WEBHOOK_BENCH_LEVELS` = comma-separated concurrency levels).
+//! default 20000; `WEBHOOK_BENCH_LEVELS` = comma-separated concurrency levels;
+//! `WEBHOOK_BENCH_COMMIT_DELAY_US` = `[server] commit_delay_us`).
 
 use klantreis::fakes::shopify;
 use klantreis::server::{AppState, Loaded};
@@ -119,6 +120,13 @@ fn main() {
         copy_dir(&repo.join("templates"), &dir.path().join("templates"));
     }
     let mut config = std::fs::read_to_string(repo.join("config.toml")).unwrap();
+    // `WEBHOOK_BENCH_COMMIT_DELAY_US`: how long a group commit gathers writers.
+    if let Ok(us) = std::env::var("WEBHOOK_BENCH_COMMIT_DELAY_US") {
+        config = config.replace(
+            "shutdown_timeout_secs = 10",
+            &format!("shutdown_timeout_secs = 10\ncommit_delay_us = {us}"),
+        );
+    }
     config.push_str(&format!(
         "\n[connectors.shop]\ntype = \"shopify\"\nshop = \"bench\"\ntoken = \"t\"\nwebhook_secret = \"{SECRET}\"\n"
     ));

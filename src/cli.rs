@@ -866,7 +866,9 @@ fn funnel(config_path: &Path, json: bool) -> Result<ExitCode> {
 fn forget(config_path: &Path, id: &str, compact_after: bool) -> Result<ExitCode> {
     let config = load_config(config_path)?;
     let store = open_store(&config)?;
-    let existed = store.forget(id)?;
+    // Its actions too (before `forget`, which flushes).
+    let actions = klantreis::store::OutboxStore::outbox_forget(&store, id)?;
+    let existed = store.forget(id)? || actions > 0;
     drop(store);
     if existed {
         println!("forgot customer {id:?}: record, phases and history erased");

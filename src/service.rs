@@ -53,6 +53,9 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
 }
 
 async fn serve(opts: RunOptions) -> Result<(), ServiceError> {
+    // Take over the signals before anything else: until then SIGTERM and SIGHUP
+    // would end the process with their default action.
+    let signals = Signals::install().map_err(|e| ServiceError::Runtime(e.to_string()))?;
     let loaded = Loaded::load(&opts.config_path, &opts.clock).map_err(ServiceError::Config)?;
     let config = &loaded.config;
     let listen = opts
@@ -116,7 +119,8 @@ async fn serve(opts: RunOptions) -> Result<(), ServiceError> {
     ));
     let dispatcher = tokio::spawn(dispatch_loop(state.clone(), stop_rx.clone()));
     let _watcher = watch_rules(state.clone(), &rules_dir, &opts.config_path);
-    tokio::spawn(reload_on_sighup(state.clone()));
+    let Signals { stop, hup } = signals;
+    tokio::spawn(reload_on_sighup(state.clone(), hup));
 
     let mut server_stop = stop_rx.clone();
     let app = crate::server::router(state.clone());
@@ -128,7 +132,7 @@ async fn serve(opts: RunOptions) -> Result<(), ServiceError> {
             .await
     });
 
-    shutdown_signal().await;
+    stop.wait().await;
     tracing::info!("shutting down: no new requests; finishing those in flight");
     let _ = stop_tx.send(true);
     match tokio::time::timeout(timeout, server).await {
@@ -180,39 +184,70 @@ async fn dispatch_loop(state: Arc<AppState>, mut stop: tokio::sync::watch::Recei
     }
 }
 
-async fn shutdown_signal() {
+/// SIGTERM/SIGINT (stop) and SIGHUP (reload), installed at start.
+struct Signals {
+    stop: Stop,
+    hup: Hup,
+}
+
+#[cfg(unix)]
+struct Stop {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+#[cfg(not(unix))]
+struct Stop;
+
+#[cfg(unix)]
+type Hup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hup = ();
+
+impl Signals {
     #[cfg(unix)]
-    {
+    fn install() -> std::io::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        Ok(Self {
+            stop: Stop {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            },
+            hup: signal(SignalKind::hangup())?,
+        })
     }
+
     #[cfg(not(unix))]
-    {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            stop: Stop,
+            hup: (),
+        })
+    }
+}
+
+impl Stop {
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
     }
 }
 
-async fn reload_on_sighup(state: Arc<AppState>) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading the rules");
-            let st = state.clone();
-            let _ = tokio::task::spawn_blocking(move || st.reload()).await;
-        }
+#[cfg(unix)]
+async fn reload_on_sighup(state: Arc<AppState>, mut hup: Hup) {
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the rules");
+        let st = state.clone();
+        let _ = tokio::task::spawn_blocking(move || st.reload()).await;
     }
-    #[cfg(not(unix))]
-    let _ = state;
 }
+
+#[cfg(not(unix))]
+async fn reload_on_sighup(_state: Arc<AppState>, _hup: Hup) {}
 
 /// Watches `rules/` and config.toml; a change (after a short quiet period, as
 /// editors write in several steps) reloads the rules. The watcher lives as long as

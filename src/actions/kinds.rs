@@ -133,6 +133,14 @@ pub fn prepare(
         _ => Map::new(),
     };
     ctx["params"] = Value::Object(params.clone());
+    if c.params.values().any(|v| v.to_string().contains("params.")) {
+        // A param may use another one (`html` showing `params.review_url`): render
+        // again, now that the first pass is in the context.
+        if let Value::Object(m) = render_value(actions, &Value::Object(c.params.clone()), &ctx)? {
+            params = m;
+            ctx["params"] = Value::Object(params.clone());
+        }
+    }
     if let Some(Value::String(t)) = params.get("template") {
         let text = actions.template_text(t)?;
         params.insert("html".into(), Value::String(actions.render(&text, &ctx)?));

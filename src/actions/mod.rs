@@ -500,7 +500,9 @@ impl Actions {
                             let (l, c) = if l == 1 {
                                 (*line, col + c.saturating_sub(WHEN_PREFIX.len() + 1))
                             } else {
-                                (line + l - 1, c)
+                                // Past the expression (an unfinished one meets the
+                                // wrapper's closing brace): point at its end.
+                                (*line, col + expr.chars().count())
                             };
                             problems.push(Diagnostic::new(
                                 &file,

@@ -11,6 +11,8 @@ use crate::store::{OutboxStore, OutboxWrite};
 use serde::Serialize;
 use std::sync::Arc;
 
+static DISPATCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// How a dispatch runs.
 #[derive(Debug, Clone)]
 pub struct DispatchOptions {
@@ -96,6 +98,9 @@ pub fn dispatch_with(
     planned: &[OutboxWrite],
     opts: &DispatchOptions,
 ) -> Result<DispatchReport, OutboxError> {
+    // One dispatcher per process at a time (sled keeps other processes out): an
+    // entry in flight belongs to the dispatcher that claimed it.
+    let _one = DISPATCHING.lock().unwrap_or_else(|e| e.into_inner());
     let now = clock.now().timestamp();
     let now_text = crate::time::format(clock.now());
     // A dry run writes nothing, not even the code secret of a fresh store: its

@@ -46,6 +46,12 @@ pub trait DeliveryStore: Store {
     /// The customer an order was remembered for.
     fn customer_of_order(&self, instance: &str, order: &str) -> Result<Option<String>, StoreError>;
 
+    /// Erases what the deliveries tree knows about a customer (`forget`): order
+    /// links to them are removed and delivery records lose their customer id; the
+    /// delivery ids stay, so a late retry is still recognised and not re-applied.
+    /// Returns how many entries changed.
+    fn forget_deliveries(&self, customer: &str) -> Result<u64, StoreError>;
+
     /// When the scheduled job last ran (RFC 3339).
     fn last_run(&self, job: &str) -> Result<Option<String>, StoreError>;
 
@@ -128,6 +134,35 @@ impl DeliveryStore for SledStore {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
+    fn forget_deliveries(&self, customer: &str) -> Result<u64, StoreError> {
+        let tree = self.deliveries()?;
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in tree.scan_prefix(b"o/") {
+            let (k, v) = kv.map_err(backend)?;
+            if v.as_ref() == customer.as_bytes() {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        for kv in tree.scan_prefix(b"d/") {
+            let (k, v) = kv.map_err(backend)?;
+            let Ok(mut r) = rmp_serde::from_slice::<DeliveryRecord>(&v) else {
+                continue;
+            };
+            if r.customer.as_deref() == Some(customer) {
+                r.customer = None;
+                batch.insert(
+                    k,
+                    rmp_serde::to_vec_named(&r).expect("serializing to a Vec cannot fail"),
+                );
+                n += 1;
+            }
+        }
+        tree.apply_batch(batch).map_err(backend)?;
+        Ok(n)
+    }
+
     fn last_run(&self, job: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .deliveries()?
@@ -162,6 +197,17 @@ mod tests {
         assert!(s.delivery_seen("shop", "w1").unwrap());
         assert!(!s.delivery_seen("woo", "w1").unwrap());
         assert_eq!(s.delivery_count().unwrap(), 1);
+        s.remember_order("shop", "o1", "c1").unwrap();
+        assert_eq!(
+            s.customer_of_order("shop", "o1").unwrap().as_deref(),
+            Some("c1")
+        );
+        assert_eq!(s.forget_deliveries("c1").unwrap(), 2);
+        assert_eq!(s.customer_of_order("shop", "o1").unwrap(), None);
+        assert!(
+            s.delivery_seen("shop", "w1").unwrap(),
+            "the id stays for dedupe"
+        );
         s.set_last_run("nurture", "2026-11-20T02:30:00Z").unwrap();
         assert_eq!(
             s.last_run("nurture").unwrap().as_deref(),

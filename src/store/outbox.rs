@@ -150,7 +150,10 @@ impl OutboxStore for SledStore {
     fn outbox_find(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         for kv in self.phases.scan_prefix(b"o/") {
             let (k, v) = kv.map_err(backend)?;
-            if k.ends_with(key.as_bytes()) && k[k.len() - key.len() - 1] == 0 {
+            if k.len() > key.len() + 2
+                && k.ends_with(key.as_bytes())
+                && k[k.len() - key.len() - 1] == 0
+            {
                 return Ok(Some(Entry::decode(&v)?));
             }
         }

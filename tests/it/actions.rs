@@ -692,7 +692,10 @@ fn server_errors_and_throttling_end_exactly_once() {
             State::Done => assert!(ok.contains_key(&e.key), "done but never delivered: {e:?}"),
             State::Dead => {
                 assert!(!ok.contains_key(&e.key));
-                assert!(e.last_error.as_deref().unwrap().contains("answered"), "{e:?}");
+                assert!(
+                    e.last_error.as_deref().unwrap().contains("answered"),
+                    "{e:?}"
+                );
             }
             s => panic!("nothing may be left open or lost: {s:?}"),
         }
@@ -874,4 +877,106 @@ fn sigkill_loop_webhook_delivers_every_key_and_repeats_only_in_flight_ones() {
         repeats <= kills as usize * 4,
         "{repeats} repeats for {kills} kills"
     );
+}
+
+// ---------------------------------------------------------------- check
+
+#[test]
+fn check_reports_bad_actions_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+    std::fs::write(dir.path().join("rules/j.rhai"), RULE).unwrap();
+    let text = config_text(
+        "[[actions]]\nname = \"a\"\njourney = \"nope\"\nphase = \"koester\"\nkind = \"log\"\n\n\
+         [[actions]]\nname = \"b\"\njourney = \"lifecycle\"\nphase = \"gone\"\nkind = \"log\"\n\n\
+         [[actions]]\nname = \"c\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"email\"\nconnector = \"nowhere\"\n\n\
+         [[actions]]\nname = \"d\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"log\"\nwhen = \"customer.total_spent >= \"\n\n\
+         [[actions]]\nname = \"e\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"log\"\nparams = { template = \"missing\" }\n",
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, &text).unwrap();
+    let (config, problems) = Config::parse_lenient(&path, &text).unwrap();
+    let mut all: Vec<String> = problems.iter().map(|d| d.to_string()).collect();
+    all.extend(
+        klantreis::actions::check(&config)
+            .iter()
+            .map(|d| d.to_string()),
+    );
+    let joined = all.join("\n");
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let f = path.display().to_string();
+    assert!(
+        joined.contains(&format!(
+            "{f}:{}:11: action a: unknown journey \"nope\"",
+            line_of("\"nope\"")
+        )),
+        "{joined}"
+    );
+    assert!(
+        joined.contains(&format!(
+            "{f}:{}:9: action b: journey lifecycle has no phase \"gone\"",
+            line_of("\"gone\"")
+        )),
+        "{joined}"
+    );
+    assert!(
+        joined.contains(&format!(
+            "{f}:{}:13: action c: unknown connector \"nowhere\"",
+            line_of("\"nowhere\"")
+        )),
+        "{joined}"
+    );
+    assert!(
+        joined.contains(&format!("{f}:{}:", line_of("total_spent >= \"")))
+            && joined.contains("action d: `when` does not compile"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("action e: unknown template \"missing\""),
+        "{joined}"
+    );
+}
+
+#[test]
+fn review_request_is_a_brevo_email_once_per_order() {
+    let brevo = fakes::brevo::start_blocking(Default::default());
+    let extra = format!(
+        "{}[[actions]]\nname = \"review\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"review_request\"\nconnector = \"mail\"\nreentry = \"every_time\"\nparams = {{ subject = \"How was order {{{{ customer.last_order }}}}?\", html = \"<a href='{{{{ params.review_url }}}}'>review</a>\", review_url = \"https://shop.example/r/{{{{ customer.id }}}}\" }}\n",
+        connector(
+            "mail",
+            "brevo",
+            &format!("{}/v3", brevo.base_url),
+            &format!(
+                "api_key = \"{}\"\nsender_email = \"shop@example.com\"",
+                fakes::brevo::DEFAULT_API_KEY
+            )
+        )
+    );
+    let w = world(&extra);
+    let mut c = customer(
+        "ann",
+        Some("koester"),
+        json!({"email": "ann@example.com", "first_name": "Ann", "last_order": 1001}),
+    );
+    c.events.push(klantreis::model::Event {
+        kind: "order_fulfilled".into(),
+        at: "2026-11-15T10:00:00Z".into(),
+        data: json!({"order_id": 1001}),
+    });
+    w.put(c);
+    w.nurture(t0());
+    w.dispatch(t0());
+    // Leave and come back without a new order: no second request for order 1001.
+    w.set_stage("ann", Some("kijk"));
+    w.nurture(t0() + Duration::days(1));
+    w.set_stage("ann", Some("koester"));
+    w.nurture(t0() + Duration::days(2));
+    w.dispatch(t0() + Duration::days(2));
+    let sent = brevo.sent();
+    assert_eq!(sent.len(), 1, "{:?}", w.entries());
+    assert_eq!(sent[0].to, ["ann@example.com"]);
+    assert_eq!(sent[0].subject.as_deref(), Some("How was order 1001?"));
+    assert_eq!(sent[0].params["review_url"], "https://shop.example/r/ann");
+    assert_eq!(sent[0].body["sender"]["email"], "shop@example.com");
+    assert_eq!(sent[0].tags, ["review"]);
 }

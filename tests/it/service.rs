@@ -69,6 +69,7 @@ fn sandbox(admin: bool) -> Sandbox {
 /// A running `klantreis run`.
 struct Service {
     child: Child,
+    log: std::path::PathBuf,
     base: String,
     client: reqwest::Client,
 }
@@ -101,6 +102,7 @@ impl Service {
         std::thread::spawn(move || for _ in lines {});
         Service {
             child,
+            log: sb.path().join("service.log"),
             base,
             client: reqwest::Client::new(),
         }
@@ -146,6 +148,12 @@ impl Service {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                if !status.success() {
+                    eprintln!(
+                        "service ended with {status:?}; its log:\n{}",
+                        std::fs::read_to_string(&self.log).unwrap_or_default()
+                    );
+                }
                 return status.code().unwrap_or(-1);
             }
             assert!(Instant::now() < deadline, "the service did not stop");
