@@ -5,11 +5,11 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use klantreis::actions::Actions;
 use klantreis::config::Config;
 use klantreis::nurture::{NurtureOptions, NurtureSummary};
 use klantreis::rules::RuleSet;
 use klantreis::store::{SledStore, Store};
-use klantreis::actions::Actions;
 use klantreis::{clock, connectors, explain, import, nurture, outbox, ruletest};
 use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Write};
@@ -641,7 +641,14 @@ fn nurture_cmd(
     opts.threads = threads;
     let actions = load_actions(&config)?;
     let (summary, secs) = run_nurture(&store, &rules, actions.as_ref(), &opts)?;
-    let report = dispatch_actions(&store, actions.as_ref(), &config, &summary, opts.now, dry_run)?;
+    let report = dispatch_actions(
+        &store,
+        actions.as_ref(),
+        &config,
+        &summary,
+        opts.now,
+        dry_run,
+    )?;
     print_summary(&summary, secs, &config, json, dry_run, report.as_ref())?;
     Ok(if summary.errors == 0 {
         ExitCode::SUCCESS
@@ -980,14 +987,25 @@ fn print_dispatch(r: &outbox::DispatchReport, dry_run: bool) {
             r.done, r.retrying, r.dead, r.skipped, r.cancelled, r.deferred
         );
     }
-    for f in &r.fired {
+    // A dry run lists everything; a real run the first lines (`outbox` has them all).
+    let shown = if dry_run { r.fired.len() } else { 20 };
+    if r.fired.len() > shown {
+        println!(
+            "  (the first {shown} of {}; `klantreis outbox` lists them all)",
+            r.fired.len()
+        );
+    }
+    for f in r.fired.iter().take(shown) {
         println!(
             "  {:<10} {} {} ({}){}",
             f.outcome,
             f.customer,
             f.action,
             f.key,
-            f.note.as_deref().map(|n| format!(": {n}")).unwrap_or_default()
+            f.note
+                .as_deref()
+                .map(|n| format!(": {n}"))
+                .unwrap_or_default()
         );
         if dry_run {
             for s in &f.steps {
@@ -1010,7 +1028,10 @@ fn outbox_cmd(config_path: &Path, cmd: Option<OutboxCmd>, json: bool) -> Result<
             if !dead {
                 bail!("give an outbox id, or --dead for every dead action");
             }
-            println!("{} dead action(s) put back", outbox::retry_dead(&store, now)?);
+            println!(
+                "{} dead action(s) put back",
+                outbox::retry_dead(&store, now)?
+            );
         }
         None => {
             let entries = outbox::list(&store, None)?;

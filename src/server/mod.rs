@@ -142,6 +142,9 @@ pub struct AppState {
     pub admin_token: Option<String>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub health: parking_lot::Mutex<Health>,
+    /// Bounds the blocking store-and-evaluate work running at once (twice the
+    /// cores): more threads only contend for sled's locks and the CPU.
+    pub apply_slots: tokio::sync::Semaphore,
     /// Wakes the dispatcher when new outbox entries were written.
     pub dispatch_wake: tokio::sync::Notify,
     /// Held while a nurture sweep runs, so sweeps never overlap.
@@ -176,6 +179,9 @@ impl AppState {
             metrics,
             health: parking_lot::Mutex::new(Health::default()),
             dispatch_wake: tokio::sync::Notify::new(),
+            apply_slots: tokio::sync::Semaphore::new(
+                2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
             nurture_lock: Arc::new(tokio::sync::Mutex::new(())),
             customer_locks: (0..STRIPES).map(|_| parking_lot::Mutex::new(())).collect(),
         })

@@ -141,10 +141,16 @@ async fn receive_inner(
     let inst_name = instance.to_string();
     let kind = inst.kind.clone();
     let now_text = crate::time::format(now);
+    let slot = state
+        .apply_slots
+        .acquire()
+        .await
+        .map_err(|e| HttpError::Internal(e.to_string()))?;
     let outcome =
         tokio::task::spawn_blocking(move || apply(&st, &inst_name, &kind, parsed, &now_text))
             .await
             .map_err(|e| HttpError::Internal(e.to_string()))??;
+    drop(slot);
     if outcome.status != "duplicate" {
         state.commit.durable().await.map_err(HttpError::Internal)?;
     }

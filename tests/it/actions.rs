@@ -980,3 +980,128 @@ fn review_request_is_a_brevo_email_once_per_order() {
     assert_eq!(sent[0].body["sender"]["email"], "shop@example.com");
     assert_eq!(sent[0].tags, ["review"]);
 }
+
+// ---------------------------------------------------------------- the shipped demo
+
+fn shipped_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(repo.join("config.toml"), dir.path().join("config.toml")).unwrap();
+    for sub in ["rules", "connectors", "examples"] {
+        copy_tree(&repo.join(sub), &dir.path().join(sub));
+    }
+    dir
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_tree(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn klantreis(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_klantreis"))
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_demo_fires_loyalty_coupons_and_review_requests_into_the_log_sink() {
+    let dir = shipped_copy();
+    let o = klantreis(dir.path(), &["demo"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = std::fs::read_to_string(dir.path().join("data/actions.jsonl")).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let customers: HashMap<String, Value> =
+        std::fs::read_to_string(dir.path().join("examples/customers.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (v["id"].as_str().unwrap().to_string(), v)
+            })
+            .collect();
+    let coupons: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["action"] == "loyalty-coupon")
+        .collect();
+    let reviews: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["action"] == "review-request")
+        .collect();
+    assert!(!coupons.is_empty() && !reviews.is_empty(), "{log}");
+    for c in &coupons {
+        let who = &customers[c["customer"].as_str().unwrap()];
+        assert!(who["total_spent"].as_f64().unwrap() >= 100.0, "{c}");
+        assert_eq!(who["consent_email"], json!(true), "{c}");
+        assert_eq!(c["phase"], "koester");
+        let code = c["payload"]["coupon_code"].as_str().unwrap();
+        assert!(c["payload"]["html"].as_str().unwrap().contains(code));
+    }
+    for r in &reviews {
+        let who = &customers[r["customer"].as_str().unwrap()];
+        assert!(
+            who["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "order_fulfilled"),
+            "{r}"
+        );
+    }
+    // A second demo sends nothing again.
+    klantreis(dir.path(), &["demo"]);
+    let again = std::fs::read_to_string(dir.path().join("data/actions.jsonl")).unwrap();
+    assert_eq!(again, log);
+    let o = klantreis(dir.path(), &["outbox", "--json"]);
+    let entries: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        entries.iter().filter(|e| e["state"] == "done").count(),
+        lines.len()
+    );
+    let id = coupons[0]["customer"].as_str().unwrap();
+    let o = klantreis(dir.path(), &["explain", id, "--now", T0]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("done loyalty-coupon") && text.contains("because entered lifecycle koester"),
+        "{text}"
+    );
+}
+
+#[test]
+fn nurture_dry_run_lists_the_demo_actions_and_writes_nothing() {
+    let dir = shipped_copy();
+    let o = klantreis(dir.path(), &["import", "examples/customers.jsonl"]);
+    assert!(o.status.success());
+    let o = klantreis(
+        dir.path(),
+        &["nurture", "--dry-run", "--no-sync", "--now", T0],
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("would_send")
+            && text.contains("loyalty-coupon")
+            && text.contains("review-request"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"coupon_code\""),
+        "payloads are shown: {text}"
+    );
+    assert!(!dir.path().join("data/actions.jsonl").exists());
+    let o = klantreis(dir.path(), &["outbox", "--json"]);
+    let entries: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(entries.is_empty());
+}
