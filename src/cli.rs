@@ -875,7 +875,9 @@ fn forget(config_path: &Path, id: &str, compact_after: bool) -> Result<ExitCode>
     let store = open_store(&config)?;
     // Its actions too (before `forget`, which flushes).
     let actions = klantreis::store::OutboxStore::outbox_forget(&store, id)?;
-    let existed = store.forget(id)? || actions > 0;
+    // And the webhook deliveries and order links that name them.
+    let deliveries = klantreis::store::DeliveryStore::forget_deliveries(&store, id)?;
+    let existed = store.forget(id)? || actions > 0 || deliveries > 0;
     drop(store);
     if existed {
         println!("forgot customer {id:?}: record, phases and history erased");

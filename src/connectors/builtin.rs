@@ -8,6 +8,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("hubspot", include_str!("../../connectors/hubspot.toml")),
     ("klaviyo", include_str!("../../connectors/klaviyo.toml")),
     ("mailchimp", include_str!("../../connectors/mailchimp.toml")),
+    ("mollie", include_str!("../../connectors/mollie.toml")),
     ("shopify", include_str!("../../connectors/shopify.toml")),
     (
         "superoffice",
