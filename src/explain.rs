@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::model::Transition;
 use crate::rules::{trace, Decision, RuleSet};
-use crate::store::{Store, StoreError};
+use crate::store::{OutboxStore, StoreError};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -43,6 +43,8 @@ pub struct Explanation {
     pub evaluated_at: String,
     pub customer: serde_json::Value,
     pub journeys: Vec<JourneyExplanation>,
+    /// The actions planned or fired for the customer, with their state and reason.
+    pub actions: Vec<crate::outbox::Entry>,
 }
 
 /// At most this many trace lines are shown per journey.
@@ -50,12 +52,13 @@ const MAX_TRACE_LINES: usize = 200;
 
 /// Explains customer `id` at `now`. `rules` should be loaded with [`RuleSet::load_traced`].
 pub fn explain(
-    store: &dyn Store,
+    outbox: &dyn OutboxStore,
     rules: &RuleSet,
     config: &Config,
     id: &str,
     now: DateTime<Utc>,
 ) -> Result<Option<Explanation>, StoreError> {
+    let store = outbox.as_store();
     let Some(customer) = store.customer(id)? else {
         return Ok(None);
     };
@@ -111,6 +114,7 @@ pub fn explain(
         evaluated_at: crate::time::format(now),
         customer: customer.to_json(),
         journeys,
+        actions: outbox.outbox_of(id)?,
     }))
 }
 

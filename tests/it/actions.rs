@@ -1078,6 +1078,16 @@ fn the_demo_fires_loyalty_coupons_and_review_requests_into_the_log_sink() {
         text.contains("done loyalty-coupon") && text.contains("because entered lifecycle koester"),
         "{text}"
     );
+    // `explain --json` (and so the admin API) carries the same actions.
+    let o = klantreis(dir.path(), &["explain", id, "--now", T0, "--json"]);
+    let x: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let actions = x["actions"].as_array().expect("explain --json has actions");
+    assert!(
+        actions
+            .iter()
+            .any(|a| a["action"] == "loyalty-coupon" && a["state"] == "done"),
+        "{x}"
+    );
 }
 
 #[test]
