@@ -161,7 +161,10 @@ pub fn prepare(
         if !p.is_empty() {
             m.insert("params".into(), Value::Object(p));
         }
-        m.insert("tags".into(), json!([c.name]));
+        // The key travels as a tag: Brevo takes no idempotency key, but a send
+        // can be found again by its tags (the definition's `lookup`).
+        m.insert("tags".into(), json!([c.name, entry.key]));
+        m.insert("idempotency_key".into(), Value::String(entry.key.clone()));
         Value::Object(m)
     };
     let log_line = |payload: Value| Step::Log {
@@ -427,8 +430,17 @@ impl Sinks {
             .ok_or_else(|| Failure::permanent(format!("connector {name:?} is not configured")))
     }
 
-    /// Runs an entry's steps in order; returns the results to record.
-    pub async fn run(&self, key: &str, steps: &[Step]) -> Result<Map<String, Value>, Failure> {
+    /// Runs an entry's steps in order; returns the results to record. `repeat`: an
+    /// earlier attempt may have reached the receiver (it timed out, or the process
+    /// died before recording its outcome), so a request whose definition has a
+    /// `lookup` first asks whether that attempt took effect, and is not sent again
+    /// if it did.
+    pub async fn run(
+        &self,
+        key: &str,
+        steps: &[Step],
+        repeat: bool,
+    ) -> Result<Map<String, Value>, Failure> {
         let mut results = Map::new();
         for s in steps {
             match s {
@@ -452,6 +464,21 @@ impl Sinks {
                 } => {
                     let conn = self.conn(connector)?;
                     let _permit = self.permit(connector).await;
+                    if repeat {
+                        if let Some(found) = conn
+                            .lookup(request, context, key)
+                            .await
+                            .map_err(|e| classify(&e))?
+                        {
+                            tracing::info!(connector = %connector, request = %request, key, "an earlier attempt took effect; not sending again");
+                            results.insert(format!("{request}_found_earlier"), Value::Bool(true));
+                            if let Some(id) = found.get("messageId") {
+                                results.insert("message_id".into(), id.clone());
+                            }
+                            results.extend(r.clone());
+                            continue;
+                        }
+                    }
                     match conn.send(request, context).await {
                         Ok(resp) => {
                             results.insert(format!("{request}_status"), json!(resp.status));

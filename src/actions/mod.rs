@@ -158,11 +158,13 @@ impl Trigger {
         matches!(self, Trigger::After(_) | Trigger::Every(..))
     }
 
-    /// The next cron occurrence after `t` (unix seconds).
-    pub fn next_after(&self, t: i64) -> Option<i64> {
+    /// The next cron occurrence after `t` (unix seconds), with the expression read
+    /// in `tz` (the customer's time zone: "every 0 9 * * 1" is Monday 09:00 where
+    /// they live, across clock changes).
+    pub fn next_after(&self, t: i64, tz: chrono_tz::Tz) -> Option<i64> {
         match self {
             Trigger::Every(c, _) => {
-                let at = chrono::DateTime::from_timestamp(t, 0)?;
+                let at = chrono::DateTime::from_timestamp(t, 0)?.with_timezone(&tz);
                 c.find_next_occurrence(&at, false)
                     .ok()
                     .map(|d| d.timestamp())

@@ -76,6 +76,15 @@ pub fn plan_update(
             } else {
                 None
             };
+            let tz = match &c.trigger {
+                Trigger::Every(..) => map
+                    .get("timezone")
+                    .and_then(|v| v.clone().into_string().ok())
+                    .and_then(|s| s.parse::<chrono_tz::Tz>().ok())
+                    .or_else(|| actions.settings.timezone.parse().ok())
+                    .unwrap_or(chrono_tz::UTC),
+                _ => chrono_tz::UTC,
+            };
             if fires_now {
                 let mut m = map;
                 RuleSet::set_phase(&mut m, update.states.get(&t.journey));
@@ -90,7 +99,7 @@ pub fn plan_update(
             }
             let due = match &c.trigger {
                 Trigger::After(secs) => now + secs,
-                Trigger::Every(..) => c.trigger.next_after(now).unwrap_or(now),
+                Trigger::Every(..) => c.trigger.next_after(now, tz).unwrap_or(now),
                 _ => now,
             };
             let key = entry_key(&update.id, c, &phase, &since, order.as_deref(), due);

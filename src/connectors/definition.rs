@@ -136,6 +136,7 @@ struct RawRequest {
     error_paths: Vec<Spanned<String>>,
     idempotent: Option<bool>,
     signature: Option<RawSignature>,
+    lookup: Option<Spanned<String>>,
     #[serde(default)]
     description: String,
 }
@@ -331,6 +332,13 @@ pub struct Request {
     /// Whether a 5xx or a dropped connection may be retried (default: not for POST).
     pub idempotent: bool,
     pub signature: Option<Signature>,
+    /// Another request of this definition that tells whether an earlier attempt
+    /// of this one already took effect: before a repeat (after a timeout, or a
+    /// crash between sending and recording), it is sent with the same context, and
+    /// an answer that holds the attempt's `idempotency_key` as a string value
+    /// anywhere means "already done". For receivers without idempotency keys
+    /// (Brevo: the key travels as a tag, found again with `GET /smtp/emails`).
+    pub lookup: Option<String>,
 }
 
 /// An HMAC-SHA256 signature of the body, sent in a header (outgoing webhooks).
@@ -869,6 +877,18 @@ impl Definition {
             let idempotent = r
                 .idempotent
                 .unwrap_or(shape.method != reqwest::Method::POST);
+            let lookup = r.lookup.as_ref().map(|l| {
+                if !raw.requests.keys().any(|k| k.get_ref() == l.get_ref()) {
+                    c.p.at(
+                        l.span().start,
+                        format!(
+                            "request {n:?}: lookup {:?} is not a request of this definition",
+                            l.get_ref()
+                        ),
+                    );
+                }
+                l.get_ref().clone()
+            });
             requests.insert(
                 n.clone(),
                 Request {
@@ -877,6 +897,7 @@ impl Definition {
                     error_paths,
                     idempotent,
                     signature,
+                    lookup,
                 },
             );
         }
@@ -1065,6 +1086,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_lookup_must_name_a_request_of_the_definition() {
+        let text = "base_url = \"https://x.example\"\n[requests.send]\nmethod = \"POST\"\npath = \"/s\"\nlookup = \"find\"\n";
+        let ds = Definition::parse("t", "t.toml", text).unwrap_err();
+        let msg = ds
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(msg.contains("t.toml:5:"), "{msg}");
+        assert!(msg.contains("lookup \"find\" is not a request"), "{msg}");
+        let ok = format!("{text}[requests.find]\npath = \"/f\"\n");
+        let d = Definition::parse("t", "t.toml", &ok).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(d.requests["send"].lookup.as_deref(), Some("find"));
     }
 
     #[test]

@@ -199,3 +199,54 @@ impl Connector {
         })
     }
 }
+
+impl Connector {
+    /// Whether an earlier attempt of the named request, made with `context` and
+    /// tagged with `key`, already took effect, asked with the request's `lookup`
+    /// (see [`super::definition::Request::lookup`]). `Ok(None)`: the request has no
+    /// lookup, or the receiver does not know the key; `Ok(Some(found))`: the
+    /// smallest JSON object in the answer that holds the key (Brevo: the sent
+    /// email, with its `messageId`).
+    pub async fn lookup(
+        &self,
+        name: &str,
+        context: &Value,
+        key: &str,
+    ) -> Result<Option<Value>, ConnectorError> {
+        let Some(lookup) = self.0.def.requests.get(name).and_then(|r| r.lookup.clone()) else {
+            return Ok(None);
+        };
+        let answer = self.send(&lookup, context).await?;
+        Ok(holder_of(&answer.body, key).cloned())
+    }
+}
+
+/// The innermost object that holds `key` as a string value (at any depth below it).
+fn holder_of<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    match v {
+        Value::Object(m) => m.values().find_map(|x| match x {
+            Value::String(s) if s == key => Some(v),
+            Value::Array(a) if a.iter().any(|i| i.as_str() == Some(key)) => Some(v),
+            _ => holder_of(x, key),
+        }),
+        Value::Array(a) => a.iter().find_map(|x| holder_of(x, key)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod lookup_tests {
+    use super::holder_of;
+    use serde_json::json;
+
+    #[test]
+    fn finds_the_object_that_carries_the_key() {
+        let v = json!({"count": 2, "transactionalEmails": [
+            {"messageId": "<a@x>", "tags": ["review", "kr_1"]},
+            {"messageId": "<b@x>", "tags": ["kr_2"]}]});
+        assert_eq!(holder_of(&v, "kr_2").unwrap()["messageId"], "<b@x>");
+        assert_eq!(holder_of(&v, "kr_1").unwrap()["messageId"], "<a@x>");
+        assert!(holder_of(&v, "kr_3").is_none());
+        assert!(holder_of(&json!({"x": "kr_30"}), "kr_3").is_none());
+    }
+}

@@ -7,6 +7,12 @@
 //!   and 99 per version. Answers 201 `{"messageId":"<...@relay.domain.com>"}`, or with
 //!   `messageVersions` 201 `{"messageIds":[...]}`, or with `scheduledAt` 202
 //!   `{"messageId", "batchId"}` (UNCONFIRMED). Sent mails: [`Brevo::sent`].
+//! - `GET /v3/smtp/emails?email=|templateId=|messageId=` (one of them required;
+//!   `sort` `desc` (default) or `asc`, `limit` (default 500, at most 1000),
+//!   `offset`): `{"count", "transactionalEmails": [{"email", "subject",
+//!   "templateId", "messageId", "uuid", "date", "from", "tags"}]}` (the list of
+//!   transactional emails, Brevo API reference "get-transac-emails-list"; one item
+//!   per recipient).
 //! - `GET /v3/account` (the connection check): a fixed account.
 //! - Errors: 400 `{"code":"missing_parameter"|"invalid_parameter","message"}` (the body
 //!   shape is UNCONFIRMED; both codes are in Brevo's list), 401
@@ -54,6 +60,8 @@ pub struct SentEmail {
     pub params: Value,
     pub tags: Vec<String>,
     pub scheduled_at: Option<String>,
+    /// When it was accepted (RFC 3339).
+    pub date: String,
     /// The whole request body.
     pub body: Value,
 }
@@ -158,6 +166,7 @@ impl Vendor for Brevo {
         let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
         let mut r = match (req.method.as_str(), segs.as_slice()) {
             ("POST", ["v3", "smtp", "email"]) => self.send(ctx, req),
+            ("GET", ["v3", "smtp", "emails"]) => self.list(req),
             ("GET", ["v3", "account"]) => json(
                 200,
                 &json!({"email": "owner@shop.example", "firstName": "Shop", "lastName": "Owner",
@@ -182,6 +191,56 @@ impl Vendor for Brevo {
 }
 
 impl Brevo {
+    /// `GET /v3/smtp/emails`.
+    fn list(&self, req: &RecordedRequest) -> Response {
+        let email = req.query_param("email");
+        let template = req.query_param("templateId");
+        let message = req.query_param("messageId");
+        if email.is_none() && template.is_none() && message.is_none() {
+            return error(
+                400,
+                "missing_parameter",
+                "email, templateId or messageId is mandatory",
+            );
+        }
+        let limit = match req.query_param("limit").map(|l| l.parse::<usize>()) {
+            None => 500,
+            Some(Ok(n)) if n <= 1000 => n,
+            _ => return error(400, "invalid_parameter", "limit must be between 0 and 1000"),
+        };
+        let offset = req
+            .query_param("offset")
+            .and_then(|o| o.parse::<usize>().ok())
+            .unwrap_or(0);
+        let mut items = Vec::new();
+        for m in self.sent.lock().iter() {
+            for (i, to) in m.to.iter().enumerate() {
+                let id = m.message_ids.get(i).unwrap_or(&m.message_ids[0]);
+                if email
+                    .as_deref()
+                    .is_some_and(|e| !e.eq_ignore_ascii_case(to))
+                    || template
+                        .as_deref()
+                        .is_some_and(|t| Some(t) != m.template_id.map(|n| n.to_string()).as_deref())
+                    || message.as_deref().is_some_and(|x| x != id)
+                {
+                    continue;
+                }
+                items.push(json!({
+                    "email": to, "subject": m.subject, "templateId": m.template_id,
+                    "messageId": id, "uuid": format!("{:08x}-0000-4000-8000-{:012x}", items.len(), m.message_ids.len()),
+                    "date": m.date, "from": m.body["sender"]["email"], "tags": m.tags,
+                }));
+            }
+        }
+        if req.query_param("sort").as_deref() != Some("asc") {
+            items.reverse();
+        }
+        let count = items.len();
+        let page: Vec<Value> = items.into_iter().skip(offset).take(limit).collect();
+        json(200, &json!({"count": count, "transactionalEmails": page}))
+    }
+
     fn send(&self, ctx: &Ctx<'_>, req: &RecordedRequest) -> Response {
         let body: Value = match serde_json::from_slice(&req.body) {
             Ok(v @ Value::Object(_)) => v,
@@ -307,6 +366,7 @@ impl Brevo {
                 })
                 .unwrap_or_default(),
             scheduled_at: scheduled_at.clone(),
+            date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             body: body.clone(),
         });
         if scheduled_at.is_some() {

@@ -100,6 +100,10 @@ pub struct Faults {
     pub retry_after_secs: Option<u64>,
     /// Waited before every response (except a concurrency 429).
     pub delay: Duration,
+    /// Waited after the vendor handled a request, before answering: the request
+    /// takes effect, the answer comes late (a client that times out loses the
+    /// answer to a request that went through).
+    pub slow_answer: Duration,
 }
 
 /// A fixed-window request limit.
@@ -550,5 +554,8 @@ async fn dispatch<V: Vendor>(st: Arc<ServerState<V>>, req: Request) -> Response 
         }
     };
     st.record(rec, resp.status().as_u16());
+    if !faults.slow_answer.is_zero() {
+        tokio::time::sleep(faults.slow_answer).await;
+    }
     resp
 }

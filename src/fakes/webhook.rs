@@ -1,7 +1,13 @@
 //! A generic webhook receiver for outgoing-webhook tests: accepts any request on any
 //! path, records it, and answers from a configured status sequence (e.g. 500, 500,
 //! then 200 for ever). [`Faults::delay`] makes it slow; the other faults work too,
-//! with plain-text bodies. [`sign_hex`] checks klantreis's own `X-Klantreis-Signature`.
+//! with plain-text bodies.
+//!
+//! It is an idempotent receiver, as the Standard Webhooks specification asks of
+//! consumers: a delivery whose `webhook-id` (else `Idempotency-Key`) it already
+//! processed is acknowledged with 200 and not processed again.
+//! [`Receiver::processed`] lists what took effect, once per id;
+//! [`Receiver::repeats`] counts the acknowledged repeats. [`sign_hex`] checks klantreis's own `X-Klantreis-Signature`.
 
 use std::collections::VecDeque;
 
@@ -59,6 +65,8 @@ pub struct Receiver {
     queue: Mutex<VecDeque<u16>>,
     then_status: u16,
     body: String,
+    processed: Mutex<(Vec<String>, std::collections::HashSet<String>)>,
+    repeats: std::sync::atomic::AtomicUsize,
 }
 
 impl Receiver {
@@ -67,7 +75,20 @@ impl Receiver {
             queue: Mutex::new(cfg.statuses.iter().copied().collect()),
             then_status: cfg.then_status,
             body: cfg.body.clone(),
+            processed: Mutex::new(Default::default()),
+            repeats: Default::default(),
         }
+    }
+
+    /// The delivery ids that took effect, in order, each once (deliveries without
+    /// an id are listed as `""`, each time).
+    pub fn processed(&self) -> Vec<String> {
+        self.processed.lock().0.clone()
+    }
+
+    /// Repeats of an already processed delivery id (acknowledged, not processed).
+    pub fn repeats(&self) -> usize {
+        self.repeats.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queues more statuses (answered before `then_status`).
@@ -97,8 +118,25 @@ impl Vendor for Receiver {
         r
     }
 
-    fn handle(&self, _ctx: &Ctx<'_>, _req: &RecordedRequest) -> Response {
+    fn handle(&self, _ctx: &Ctx<'_>, req: &RecordedRequest) -> Response {
+        let id = req
+            .header("webhook-id")
+            .or_else(|| req.header("idempotency-key"))
+            .unwrap_or("")
+            .to_string();
+        let mut done = self.processed.lock();
+        if !id.is_empty() && done.1.contains(&id) {
+            self.repeats
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return respond(200, "text/plain", "already processed");
+        }
         let status = self.queue.lock().pop_front().unwrap_or(self.then_status);
+        if (200..300).contains(&status) {
+            done.0.push(id.clone());
+            if !id.is_empty() {
+                done.1.insert(id);
+            }
+        }
         respond(status, "text/plain", self.body.clone())
     }
 }

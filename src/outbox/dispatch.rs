@@ -258,9 +258,12 @@ pub fn dispatch_with(
                 let tx = tx.clone();
                 let key = e.key.clone();
                 let steps = steps.clone();
+                // `attempts` counts this one: more than one means an earlier attempt
+                // may have reached the receiver.
+                let repeat = e.attempts > 1;
                 tokio::spawn(async move {
                     let _slot = window.acquire_owned().await;
-                    let r = sinks.run(&key, &steps).await;
+                    let r = sinks.run(&key, &steps, repeat).await;
                     let (ack, acked) = tokio::sync::oneshot::channel::<()>();
                     if tx.send((i, r, ack)).is_ok() {
                         let _ = acked.await;
@@ -368,7 +371,11 @@ fn plan_next_occurrence(
     {
         return Ok(());
     }
-    let Some(next) = a.config.trigger.next_after(now.max(e.due)) else {
+    let tz = match store.as_store().customer(&e.customer)? {
+        Some(c) => guard::timezone_of(&c, &actions.settings.timezone),
+        None => return Ok(()),
+    };
+    let Some(next) = a.config.trigger.next_after(now.max(e.due), tz) else {
         return Ok(());
     };
     let key = crate::actions::plan::entry_key(

@@ -770,7 +770,13 @@ fn timeouts_and_refused_connections_are_retried_until_delivered() {
 fn kill_loop(extra_for: &dyn Fn(&str) -> String, url: &str, n: usize) -> (World, u32) {
     let w = world(&extra_for(url));
     let batch: Vec<Customer> = (0..n)
-        .map(|i| customer(&format!("c{i:03}"), Some("koester"), json!({})))
+        .map(|i| {
+            customer(
+                &format!("c{i:03}"),
+                Some("koester"),
+                json!({"email": format!("c{i:03}@example.com")}),
+            )
+        })
         .collect();
     w.store.merge_customers(batch).unwrap();
     w.store.flush().unwrap();
@@ -850,10 +856,10 @@ fn sigkill_loop_log_sink_writes_each_action_exactly_once() {
 }
 
 #[test]
-fn sigkill_loop_webhook_delivers_every_key_and_repeats_only_in_flight_ones() {
+fn sigkill_loop_webhook_receiver_processes_each_action_exactly_once() {
     let hook = fakes::webhook::start_blocking(fakes::webhook::Config {
         faults: Faults {
-            delay: std::time::Duration::from_millis(3),
+            slow_answer: std::time::Duration::from_millis(10),
             ..Faults::default()
         },
         ..Default::default()
@@ -865,18 +871,245 @@ fn sigkill_loop_webhook_delivers_every_key_and_repeats_only_in_flight_ones() {
         )
     };
     let (w, kills) = kill_loop(&extra, &hook.url("/in"), 400);
-    let (total, ok) = deliveries(&hook.requests());
-    assert_eq!(ok.len(), 400, "every action delivered ({kills} kills)");
-    assert!(w.entries().iter().all(|e| e.state == State::Done));
-    // A webhook receiver cannot be asked whether it got a request, so an attempt
-    // cut off by SIGKILL after sending is repeated with the same Idempotency-Key.
-    // Only attempts in flight at a kill can repeat: at most `concurrency` per kill.
-    let repeats = total - ok.len();
-    eprintln!("webhook: {kills} kills, {total} requests, {repeats} repeats");
-    assert!(
-        repeats <= kills as usize * 4,
-        "{repeats} repeats for {kills} kills"
+    let entries = w.entries();
+    assert!(entries.iter().all(|e| e.state == State::Done));
+    // What took effect at the receiver: each action once, none lost.
+    let processed = hook.processed();
+    let distinct: HashSet<&String> = processed.iter().collect();
+    assert_eq!(distinct.len(), processed.len(), "an action processed twice");
+    let keys: HashSet<&String> = entries.iter().map(|e| &e.key).collect();
+    assert_eq!(distinct, keys, "every action delivered ({kills} kills)");
+    // On the wire, an attempt cut off by SIGKILL after sending is repeated with the
+    // same webhook-id, and the receiver acknowledges it without processing it again
+    // (Standard Webhooks: receivers deduplicate on webhook-id). Only attempts in
+    // flight at a kill can repeat: at most `concurrency` (4) per kill.
+    let (total, _) = deliveries(&hook.requests());
+    eprintln!(
+        "webhook: {kills} kills, {total} requests, {} acknowledged repeats",
+        hook.repeats()
     );
+    assert!(
+        hook.repeats() <= kills as usize * 4,
+        "{} repeats for {kills} kills",
+        hook.repeats()
+    );
+}
+
+fn brevo_email_action(url: &str, extra_keys: &str) -> String {
+    format!(
+        "{}[[actions]]\nname = \"welcome\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"email\"\nconnector = \"mail\"\nmarketing = false\nparams = {{ subject = \"Welcome {{{{ customer.id }}}}\", html = \"<p>Hi</p>\" }}\n",
+        connector(
+            "mail",
+            "brevo",
+            &format!("{url}/v3"),
+            &format!(
+                "api_key = \"{}\"\nsender_email = \"shop@example.com\"\nrate_per_sec = 0\n{extra_keys}",
+                fakes::brevo::DEFAULT_API_KEY
+            )
+        )
+    )
+}
+
+/// Per idempotency key, how many mails Brevo accepted.
+fn mails_per_key(sent: &[fakes::brevo::SentEmail]) -> HashMap<String, usize> {
+    let mut n = HashMap::new();
+    for m in sent {
+        for t in m.tags.iter().filter(|t| t.starts_with("kr_")) {
+            *n.entry(t.clone()).or_insert(0) += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn sigkill_loop_brevo_sends_each_email_exactly_once() {
+    // Each mail is accepted 20 ms before Brevo answers, so most kills land while
+    // mails that went out are not yet recorded as done.
+    let brevo = fakes::brevo::start_blocking(fakes::brevo::Config {
+        faults: Faults {
+            slow_answer: std::time::Duration::from_millis(20),
+            ..Faults::default()
+        },
+        ..Default::default()
+    });
+    let (w, kills) = kill_loop(&|url| brevo_email_action(url, ""), &brevo.base_url, 300);
+    let entries = w.entries();
+    assert!(
+        entries.iter().all(|e| e.state == State::Done),
+        "{entries:?}"
+    );
+    // Brevo takes no idempotency key: an attempt whose outcome a kill cut off is
+    // looked up by its tag before it is repeated, so Brevo gets each mail once.
+    let per_key = mails_per_key(&brevo.sent());
+    let found_earlier = entries
+        .iter()
+        .filter(|e| e.results.contains_key("send_email_found_earlier"))
+        .count();
+    eprintln!(
+        "brevo: {kills} kills, {} mails, {found_earlier} found by lookup instead of sent again",
+        brevo.sent().len()
+    );
+    assert_eq!(per_key.len(), 300, "nothing lost ({kills} kills)");
+    assert!(
+        per_key.values().all(|n| *n == 1),
+        "a mail sent twice ({kills} kills)"
+    );
+    assert_eq!(brevo.sent().len(), 300);
+    assert!(
+        found_earlier > 0,
+        "no kill fell between a send and its record ({kills} kills): the test proved nothing"
+    );
+    for e in &entries {
+        assert_eq!(per_key.get(&e.key), Some(&1), "{e:?}");
+    }
+}
+
+#[test]
+fn a_brevo_send_that_timed_out_but_went_through_is_not_sent_again() {
+    // Brevo accepts the mail but answers after the client gave up (timeout_secs = 1).
+    let brevo = fakes::brevo::start_blocking(fakes::brevo::Config {
+        faults: Faults {
+            slow_answer: std::time::Duration::from_millis(1600),
+            ..Faults::default()
+        },
+        ..Default::default()
+    });
+    let w = world(&brevo_email_action(&brevo.base_url, "timeout_secs = 1"));
+    w.put(customer(
+        "ann",
+        Some("koester"),
+        json!({"email": "ann@example.com"}),
+    ));
+    w.nurture(t0());
+    w.dispatch(t0());
+    let e = &w.entries()[0];
+    assert_eq!(e.state, State::Pending, "{e:?}");
+    assert!(
+        e.last_error.as_deref().unwrap().contains("timed out"),
+        "{e:?}"
+    );
+    assert_eq!(brevo.sent().len(), 1, "the first attempt went through");
+    brevo.set_faults(Faults::default());
+    w.drain(t0() + Duration::seconds(1), 10);
+    let e = &w.entries()[0];
+    assert_eq!(e.state, State::Done, "{e:?}");
+    assert_eq!(e.results["send_email_found_earlier"], true, "{e:?}");
+    assert!(e.results["message_id"].as_str().unwrap().starts_with('<'));
+    // The repeat asked first (GET /v3/smtp/emails?email=...) and did not send.
+    assert_eq!(brevo.sent().len(), 1, "sent twice");
+    let lookups = brevo.requests_to("/v3/smtp/emails");
+    assert_eq!(lookups.len(), 1);
+    assert_eq!(
+        lookups[0].query_param("email").as_deref(),
+        Some("ann@example.com")
+    );
+    assert_eq!(brevo.sent()[0].tags, ["welcome".to_string(), e.key.clone()]);
+}
+
+#[test]
+fn a_brevo_send_that_failed_is_sent_again_after_the_lookup_finds_nothing() {
+    let brevo = fakes::brevo::start_blocking(fakes::brevo::Config {
+        faults: Faults {
+            fail_first: 1,
+            ..Faults::default()
+        },
+        ..Default::default()
+    });
+    let w = world(&brevo_email_action(&brevo.base_url, ""));
+    w.put(customer(
+        "ann",
+        Some("koester"),
+        json!({"email": "ann@example.com"}),
+    ));
+    w.nurture(t0());
+    w.drain(t0(), 10);
+    let e = &w.entries()[0];
+    assert_eq!(e.state, State::Done, "{e:?}");
+    assert!(!e.results.contains_key("send_email_found_earlier"));
+    assert_eq!(brevo.sent().len(), 1);
+    assert_eq!(brevo.requests_to("/v3/smtp/emails").len(), 1);
+}
+
+// ---------------------------------------------------------------- every <cron>
+
+fn every_world(reentry: &str) -> World {
+    let w = world(&log_action(
+        "weekly",
+        &format!("trigger = \"every 0 9 * * 1\"\nreentry = \"{reentry}\""),
+    ));
+    // Mondays 09:00 in the customer's zone: Amsterdam is UTC+1 in winter.
+    w.put(customer(
+        "ann",
+        Some("koester"),
+        json!({"timezone": "Europe/Amsterdam"}),
+    ));
+    w
+}
+
+fn at(s: &str) -> DateTime<Utc> {
+    s.parse().unwrap()
+}
+
+#[test]
+fn every_cron_trigger_fires_each_monday_in_the_customers_zone_while_in_the_phase() {
+    let w = every_world("every_time");
+    w.nurture(t0()); // Friday 2026-11-20: planned for Monday 23rd, 09:00 Amsterdam.
+    let e = &w.entries()[0];
+    assert_eq!(e.due, at("2026-11-23T08:00:00Z").timestamp(), "{e:?}");
+    w.dispatch(at("2026-11-23T07:59:59Z"));
+    assert!(w.log_lines().is_empty(), "not before it is due");
+    w.dispatch(at("2026-11-23T08:00:00Z"));
+    w.dispatch(at("2026-11-23T08:00:00Z")); // a second run at the same instant
+    assert_eq!(w.log_lines().len(), 1);
+    // The next occurrence is planned: Monday 30th.
+    let open: Vec<_> = w
+        .entries()
+        .into_iter()
+        .filter(|e| e.state.is_open())
+        .collect();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].due, at("2026-11-30T08:00:00Z").timestamp());
+    // A run days late fires the missed occurrence once, not once per missed week.
+    w.nurture(at("2026-12-09T10:00:00Z"));
+    w.dispatch(at("2026-12-09T10:00:00Z"));
+    assert_eq!(w.log_lines().len(), 2);
+    let open: Vec<_> = w
+        .entries()
+        .into_iter()
+        .filter(|e| e.state.is_open())
+        .collect();
+    assert_eq!(open[0].due, at("2026-12-14T08:00:00Z").timestamp());
+    // Leaving the phase stops it: the planned occurrence is cancelled.
+    w.set_stage("ann", Some("kijk"));
+    w.nurture(at("2026-12-10T10:00:00Z"));
+    w.dispatch(at("2026-12-14T08:00:00Z"));
+    w.dispatch(at("2026-12-21T08:00:00Z"));
+    assert_eq!(w.log_lines().len(), 2);
+    let states: Vec<State> = w.entries().iter().map(|e| e.state).collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == State::Done).count(),
+        2,
+        "{states:?}"
+    );
+    assert!(states.contains(&State::Cancelled), "{states:?}");
+    assert!(!states.iter().any(|s| s.is_open()), "{states:?}");
+    let days: Vec<String> = w
+        .log_lines()
+        .iter()
+        .map(|l| l["at"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(days, ["2026-11-23T08:00:00Z", "2026-12-09T10:00:00Z"]);
+}
+
+#[test]
+fn every_cron_trigger_with_the_default_policy_fires_once_per_phase_entry() {
+    let w = every_world("once_per_phase_entry");
+    w.nurture(t0());
+    w.dispatch(at("2026-11-23T08:00:00Z"));
+    w.dispatch(at("2026-11-30T08:00:00Z"));
+    w.dispatch(at("2026-12-07T08:00:00Z"));
+    assert_eq!(w.log_lines().len(), 1);
+    assert_eq!(w.entries().len(), 1);
 }
 
 // ---------------------------------------------------------------- check
@@ -978,7 +1211,8 @@ fn review_request_is_a_brevo_email_once_per_order() {
     assert_eq!(sent[0].subject.as_deref(), Some("How was order 1001?"));
     assert_eq!(sent[0].params["review_url"], "https://shop.example/r/ann");
     assert_eq!(sent[0].body["sender"]["email"], "shop@example.com");
-    assert_eq!(sent[0].tags, ["review"]);
+    let key = &w.entries()[0].key;
+    assert_eq!(sent[0].tags, ["review".to_string(), key.clone()]);
 }
 
 // ---------------------------------------------------------------- the shipped demo
