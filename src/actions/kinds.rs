@@ -600,10 +600,16 @@ fn classify(e: &crate::connectors::ConnectorError) -> Failure {
         E::RateLimited { .. } | E::Network { .. } => true,
         _ => false,
     };
+    let retry_after = match e {
+        E::RateLimited {
+            retry_after_secs, ..
+        } => *retry_after_secs,
+        _ => None,
+    };
     Failure {
         message: e.to_string(),
         retryable,
-        retry_after: None,
+        retry_after,
     }
 }
 

@@ -226,6 +226,9 @@ impl Http {
                             instance: self.instance.clone(),
                             request: what,
                             message,
+                            retry_after_secs: self
+                                .retry_after(&r.headers)
+                                .map(|d| d.as_secs_f64().ceil() as u64),
                         });
                     }
                     if !can_retry {
@@ -235,6 +238,9 @@ impl Http {
                             message: format!(
                                 "still throttled after {attempt} retries; lower rate_per_sec or max_concurrency"
                             ),
+                            retry_after_secs: self
+                                .retry_after(&r.headers)
+                                .map(|d| d.as_secs_f64().ceil() as u64),
                         });
                     }
                     let base = self

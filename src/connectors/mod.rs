@@ -64,6 +64,9 @@ pub enum ConnectorError {
         instance: String,
         request: String,
         message: String,
+        /// The vendor's last `Retry-After`, in seconds (rounded up), if it sent one:
+        /// when the outbox retries later, it waits at least this long.
+        retry_after_secs: Option<u64>,
     },
     #[error("{instance}: {request} answered {status}: {body}")]
     Status {

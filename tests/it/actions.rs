@@ -1030,6 +1030,41 @@ fn a_brevo_send_that_failed_is_sent_again_after_the_lookup_finds_nothing() {
     assert_eq!(brevo.requests_to("/v3/smtp/emails").len(), 1);
 }
 
+#[test]
+fn a_vendors_retry_after_sets_when_the_outbox_tries_again() {
+    // Brevo throttles with Retry-After: 7; the connector does not retry itself
+    // (max_retries = 0), so the outbox waits the 7 s, not its own 1-2 s backoff.
+    let brevo = fakes::brevo::start_blocking(fakes::brevo::Config {
+        faults: Faults {
+            throttle_every: Some(1),
+            retry_after_secs: Some(7),
+            ..Faults::default()
+        },
+        ..Default::default()
+    });
+    let w = world(&brevo_email_action(&brevo.base_url, ""));
+    w.put(customer(
+        "ann",
+        Some("koester"),
+        json!({"email": "ann@example.com"}),
+    ));
+    w.nurture(t0());
+    w.dispatch(t0());
+    let e = &w.entries()[0];
+    assert_eq!(e.state, State::Pending, "{e:?}");
+    assert_eq!(e.due, t0().timestamp() + 7, "{e:?}");
+    brevo.set_faults(Faults::default());
+    w.dispatch(t0() + Duration::seconds(6));
+    assert_eq!(
+        w.entries()[0].state,
+        State::Pending,
+        "not before Retry-After"
+    );
+    w.dispatch(t0() + Duration::seconds(7));
+    assert_eq!(w.entries()[0].state, State::Done);
+    assert_eq!(brevo.sent().len(), 1);
+}
+
 // ---------------------------------------------------------------- every <cron>
 
 fn every_world(reentry: &str) -> World {
