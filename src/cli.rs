@@ -241,18 +241,110 @@ fn load_rules(config: &Config) -> Result<RuleSet> {
 }
 
 fn open_store(config: &Config) -> Result<SledStore> {
-    SledStore::open(&config.store.path, config.store.cache_mb).map_err(|e| match e {
-        // sled admits one process: say who holds the store and how to reach it.
-        klantreis::store::StoreError::Locked { path } => anyhow::anyhow!(
-            "the store at {path} is held by the running klantreis service (`klantreis run`).\n\
-             Ask the service instead, e.g.\n  \
-             curl -H \"Authorization: Bearer $KLANTREIS_ADMIN_TOKEN\" http://{listen}/api/customers/ID\n  \
-             curl -H \"Authorization: Bearer $KLANTREIS_ADMIN_TOKEN\" http://{listen}/api/funnel\n\
-             or stop the service (SIGTERM) and run this command again.",
-            listen = config.server.listen
-        ),
-        e => e.into(),
-    })
+    match open_or_service(config)? {
+        Opened::Store(s) => Ok(s),
+        Opened::Service(api) => Err(held_by_service(
+            config,
+            &format!(
+                "This command changes the store, so it does not go through the service ({}).",
+                api.url
+            ),
+        )),
+    }
+}
+
+/// The store, or, when the running service holds it, the service's admin API.
+enum Opened {
+    Store(SledStore),
+    Service(ServiceApi),
+}
+
+/// Read commands (`explain`, `funnel`, `outbox`) use the service's admin API while
+/// `klantreis run` holds the store (sled admits one process at a time).
+fn open_or_service(config: &Config) -> Result<Opened> {
+    match SledStore::open(&config.store.path, config.store.cache_mb) {
+        Ok(s) => Ok(Opened::Store(s)),
+        Err(klantreis::store::StoreError::Locked { .. }) => match ServiceApi::find(config) {
+            Ok(api) => Ok(Opened::Service(api)),
+            Err(why) => Err(held_by_service(config, &why)),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn held_by_service(config: &Config, why: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the store at {path} is held by the running klantreis service (`klantreis run`).\n\
+         {why}\n\
+         Ask the service instead, e.g.\n  \
+         curl -H \"Authorization: Bearer $KLANTREIS_ADMIN_TOKEN\" http://{listen}/api/customers/ID\n  \
+         curl -H \"Authorization: Bearer $KLANTREIS_ADMIN_TOKEN\" http://{listen}/api/funnel\n\
+         or stop the service (SIGTERM) and run this command again.",
+        path = config.store.path.display(),
+        listen = config.server.listen
+    )
+}
+
+/// The running service's admin API: its address (from the file the service writes
+/// beside the store, else `[server] listen`) and the admin token.
+struct ServiceApi {
+    url: String,
+    token: String,
+}
+
+impl ServiceApi {
+    fn find(config: &Config) -> std::result::Result<ServiceApi, String> {
+        let token = match &config.server.admin_token {
+            None => {
+                return Err(
+                    "Its admin API is off (no [server] admin_token), so this command cannot go through it."
+                        .into(),
+                )
+            }
+            Some(raw) => klantreis::config::expand_env(raw)
+                .map_err(|e| format!("[server] admin_token: {e}"))?,
+        };
+        if token.trim().is_empty() {
+            return Err("[server] admin_token is empty, so the admin API is off.".into());
+        }
+        let url = klantreis::service::read_address(&config.store.path)
+            .unwrap_or_else(|| format!("http://{}", config.server.listen));
+        Ok(ServiceApi {
+            url,
+            token: token.trim().to_string(),
+        })
+    }
+
+    /// `GET path` with the token; the status and the JSON body.
+    fn get(&self, path: &str) -> Result<(u16, serde_json::Value)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let url = format!("{}{path}", self.url);
+        rt.block_on(async {
+            let r = reqwest::Client::new()
+                .get(&url)
+                .bearer_auth(&self.token)
+                .timeout(std::time::Duration::from_secs(30))
+                .send()
+                .await
+                .with_context(|| {
+                    format!("the store is held by the running service, which does not answer at {url}")
+                })?;
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r
+                .json()
+                .await
+                .with_context(|| format!("{url} did not answer JSON"))?;
+            if status == 401 || status == 403 {
+                bail!(
+                    "the running service refused {url} ({status}: {}); is KLANTREIS_ADMIN_TOKEN the service's token?",
+                    v["message"].as_str().unwrap_or("")
+                );
+            }
+            Ok((status, v))
+        })
+    }
 }
 
 /// `--now`: an RFC 3339 time. A bad value is a usage error (exit 2), like any flag.
@@ -747,7 +839,41 @@ fn explain_cmd(
                 .join("\n")
         )
     })?;
-    let store = open_store(&config)?;
+    let store = match open_or_service(&config)? {
+        Opened::Store(s) => s,
+        Opened::Service(api) => {
+            let path = format!(
+                "/api/customers/{}",
+                url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>()
+            );
+            let (status, v) = api.get(&path)?;
+            if status == 404 {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"id": id, "error": "no such customer"})
+                    );
+                } else {
+                    println!("no customer {id:?} in the store");
+                }
+                return Ok(ExitCode::from(1));
+            }
+            if status != 200 {
+                bail!("{}{path} answered {status}: {v}", api.url);
+            }
+            if now.is_some() {
+                eprintln!("note: the running service explains at its own clock; --now is ignored");
+            }
+            if !json {
+                eprintln!(
+                    "(the running service holds the store; this is its answer, from {})",
+                    api.url
+                );
+            }
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let Some(x) = explain::explain(&store, &rules, &config, id, parse_now(now)?)? else {
         if json {
             println!(
@@ -846,7 +972,23 @@ fn print_funnel(config: &Config, funnel: &klantreis::store::Funnel) {
 
 fn funnel(config_path: &Path, json: bool) -> Result<ExitCode> {
     let config = load_config(config_path)?;
-    let store = open_store(&config)?;
+    let store = match open_or_service(&config)? {
+        Opened::Store(s) => s,
+        Opened::Service(api) => {
+            let (status, v) = api.get("/api/funnel")?;
+            if status != 200 {
+                bail!("{}/api/funnel answered {status}: {v}", api.url);
+            }
+            if json {
+                println!("{v}");
+            } else {
+                let funnel: klantreis::store::Funnel = serde_json::from_value(v)
+                    .context("the service's funnel is not journey → phase → count")?;
+                print_funnel(&config, &funnel);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let funnel = store.funnel()?;
     if json {
         // Every configured phase appears, with 0 where nobody is.
@@ -1019,8 +1161,31 @@ fn print_dispatch(r: &outbox::DispatchReport, dry_run: bool) {
 
 fn outbox_cmd(config_path: &Path, cmd: Option<OutboxCmd>, json: bool) -> Result<ExitCode> {
     let config = load_config(config_path)?;
-    let store = open_store(&config)?;
     let now = clock::from_option(None).now().timestamp();
+    let store = match (open_or_service(&config)?, &cmd) {
+        (Opened::Store(s), _) => s,
+        (Opened::Service(api), None) => {
+            let (status, v) = api.get("/api/outbox?limit=1000000")?;
+            if status != 200 {
+                bail!("{}/api/outbox answered {status}: {v}", api.url);
+            }
+            let entries: Vec<outbox::Entry> = serde_json::from_value(v["entries"].clone())
+                .context("the service's outbox entries")?;
+            let counts: std::collections::BTreeMap<String, u64> =
+                serde_json::from_value(v["counts"].clone()).unwrap_or_default();
+            print_outbox(&entries, &counts, now, json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        (Opened::Service(api), Some(_)) => {
+            return Err(held_by_service(
+                &config,
+                &format!(
+                    "`outbox retry` changes the store, so it does not go through the service ({}).",
+                    api.url
+                ),
+            ))
+        }
+    };
     match cmd {
         Some(OutboxCmd::Retry { id: Some(id), .. }) => {
             let e = outbox::retry(&store, &id, now)?;
@@ -1037,31 +1202,41 @@ fn outbox_cmd(config_path: &Path, cmd: Option<OutboxCmd>, json: bool) -> Result<
         }
         None => {
             let entries = outbox::list(&store, None)?;
-            if json {
-                println!("{}", serde_json::to_string(&entries)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            for e in &entries {
-                println!(
-                    "{:<10} {} {} {} attempts={}{}",
-                    e.display_state(now),
-                    e.key,
-                    e.customer,
-                    e.action,
-                    e.attempts,
-                    e.last_error
-                        .as_deref()
-                        .or(e.note.as_deref())
-                        .map(|n| format!(": {n}"))
-                        .unwrap_or_default()
-                );
-            }
             let counts = outbox::counts(&store, now)?;
-            let list: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            println!("{} action(s): {}", entries.len(), list.join(", "));
+            print_outbox(&entries, &counts, now, json)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_outbox(
+    entries: &[outbox::Entry],
+    counts: &std::collections::BTreeMap<String, u64>,
+    now: i64,
+    json: bool,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(&entries)?);
+        return Ok(());
+    }
+    for e in entries {
+        println!(
+            "{:<10} {} {} {} attempts={}{}",
+            e.display_state(now),
+            e.key,
+            e.customer,
+            e.action,
+            e.attempts,
+            e.last_error
+                .as_deref()
+                .or(e.note.as_deref())
+                .map(|n| format!(": {n}"))
+                .unwrap_or_default()
+        );
+    }
+    let list: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("{} action(s): {}", entries.len(), list.join(", "));
+    Ok(())
 }
 
 /// `explain`: the actions planned or fired for a customer, and why.

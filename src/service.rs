@@ -86,6 +86,7 @@ async fn serve(opts: RunOptions) -> Result<(), ServiceError> {
     let catch_up = config.schedule.catch_up;
     let timeout = Duration::from_secs(config.server.shutdown_timeout_secs.max(1));
     let rules_dir = config.rules_dir.clone();
+    let address_file = address_file(&config.store.path);
     let state = AppState::new(
         opts.config_path.clone(),
         loaded,
@@ -106,6 +107,10 @@ async fn serve(opts: RunOptions) -> Result<(), ServiceError> {
         .map_err(|e| ServiceError::Runtime(e.to_string()))?;
     // Tests and scripts read the bound address (for `--listen 127.0.0.1:0`) here.
     println!("klantreis listening on http://{addr}");
+    // CLI read commands find the service here while it holds the store.
+    if let Err(e) = write_address(&address_file, addr) {
+        tracing::warn!(file = %address_file.display(), error = %e, "cannot write the service address");
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, "klantreis serving");
@@ -154,8 +159,40 @@ async fn serve(opts: RunOptions) -> Result<(), ServiceError> {
         .await
         .map_err(|e| ServiceError::Runtime(e.to_string()))?;
     flushed?;
+    let _ = std::fs::remove_file(&address_file);
     tracing::info!("store flushed; bye");
     Ok(())
+}
+
+/// Where the running service writes the URL it answers on: beside the store
+/// (`data/store` → `data/store.service`).
+pub fn address_file(store_path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = store_path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "store".into());
+    name.push(".service");
+    store_path.with_file_name(name)
+}
+
+fn write_address(file: &std::path::Path, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    // A service bound to every interface is reached on loopback from this machine.
+    let host = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let tmp = file.with_extension("service.tmp");
+    std::fs::write(&tmp, format!("http://{host}:{}\n", addr.port()))?;
+    std::fs::rename(&tmp, file)
+}
+
+/// The URL a running service wrote with [`address_file`], if any.
+pub fn read_address(store_path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(address_file(store_path)).ok()?;
+    let url = text.trim();
+    url.starts_with("http://").then(|| url.to_string())
 }
 
 /// The action dispatcher: sends due outbox entries when woken by new entries, and

@@ -658,6 +658,85 @@ async fn admin_api_and_metrics_need_the_token_and_are_off_without_one() {
     assert_eq!(svc.stop(), 0);
 }
 
+/// `klantreis ARGS` against the sandbox, with `token` as KLANTREIS_ADMIN_TOKEN.
+fn cli_with_token(sb: &Sandbox, args: &[&str], token: &str) -> std::process::Output {
+    Command::new(crate::support::bin())
+        .arg("--config")
+        .arg(sb.config())
+        .args(args)
+        .current_dir(sb.path())
+        .env("KLANTREIS_ADMIN_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_commands_go_through_the_running_service() {
+    let sb = sandbox(true);
+    let svc = Service::start(&sb);
+    let (status, v) = svc
+        .post_json(
+            "/api/customers/ann/events",
+            &json!({"attributes": {"email": "ann@example.com"},
+                    "events": [{"kind": "order_created", "at": "2026-11-20T10:00:00Z", "data": {"order_id": "1"}}]}),
+        )
+        .await;
+    assert!(status < 300, "{status} {v}");
+    let (_, api_funnel) = svc.get("/api/funnel", Some(TOKEN)).await;
+    let address = std::fs::read_to_string(sb.path().join("data/klantreis.service")).unwrap();
+    assert_eq!(address.trim(), svc.base);
+
+    // The store is held by the service; read commands ask it instead.
+    let out = cli_with_token(&sb, &["funnel", "--json"], TOKEN);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let cli_funnel: Value = serde_json::from_str(&crate::support::stdout(&out)).unwrap();
+    assert_eq!(cli_funnel, api_funnel);
+    assert!(total(&cli_funnel) >= 1);
+
+    let out = cli_with_token(&sb, &["funnel"], TOKEN);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    assert!(crate::support::stdout(&out).contains("lifecycle"));
+
+    let out = cli_with_token(&sb, &["explain", "ann", "--json"], TOKEN);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let x: Value = serde_json::from_str(&crate::support::stdout(&out)).unwrap();
+    assert_eq!(x["id"], "ann");
+    let out = cli_with_token(&sb, &["explain", "nobody", "--json"], TOKEN);
+    assert_eq!(out.status.code(), Some(1));
+
+    let out = cli_with_token(&sb, &["outbox", "--json"], TOKEN);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let entries: Value = serde_json::from_str(&crate::support::stdout(&out)).unwrap();
+    assert!(entries.is_array(), "{entries}");
+
+    // Commands that change the store do not go through the service: they say why.
+    let out = cli_with_token(&sb, &["outbox", "retry", "--dead"], TOKEN);
+    assert!(!out.status.success());
+    let err = crate::support::stderr(&out);
+    assert!(
+        err.contains("held by the running klantreis service"),
+        "{err}"
+    );
+    assert!(err.contains("changes the store"), "{err}");
+
+    // A wrong token is refused with a clear message, not a lock error.
+    let out = cli_with_token(&sb, &["funnel"], "wrong");
+    assert!(!out.status.success());
+    assert!(
+        crate::support::stderr(&out).contains("refused"),
+        "{}",
+        crate::support::stderr(&out)
+    );
+
+    assert_eq!(svc.stop(), 0);
+    // Stopped: the address file is gone and the CLI opens the store itself.
+    assert!(!sb.path().join("data/klantreis.service").exists());
+    let out = cli_with_token(&sb, &["funnel", "--json"], TOKEN);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let local: Value = serde_json::from_str(&crate::support::stdout(&out)).unwrap();
+    assert_eq!(local, api_funnel);
+}
+
 #[test]
 fn openapi_describes_every_route_and_nothing_else() {
     let text = std::fs::read_to_string(crate::support::repo().join("openapi.yaml")).unwrap();
