@@ -848,15 +848,7 @@ fn explain_cmd(
             );
             let (status, v) = api.get(&path)?;
             if status == 404 {
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"id": id, "error": "no such customer"})
-                    );
-                } else {
-                    println!("no customer {id:?} in the store");
-                }
-                return Ok(ExitCode::from(1));
+                return Ok(no_such_customer(id, json));
             }
             if status != 200 {
                 bail!("{}{path} answered {status}: {v}", api.url);
@@ -875,15 +867,7 @@ fn explain_cmd(
         }
     };
     let Some(x) = explain::explain(&store, &rules, &config, id, parse_now(now)?)? else {
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({"id": id, "error": "no such customer"})
-            );
-        } else {
-            println!("no customer {id:?} in the store");
-        }
-        return Ok(ExitCode::from(1));
+        return Ok(no_such_customer(id, json));
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&x)?);
@@ -943,6 +927,18 @@ fn explain_cmd(
     }
     print_actions_of(&store, id, parse_now(now)?.timestamp())?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn no_such_customer(id: &str, json: bool) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"id": id, "error": "no such customer"})
+        );
+    } else {
+        println!("no customer {id:?} in the store");
+    }
+    ExitCode::from(1)
 }
 
 fn print_funnel(config: &Config, funnel: &klantreis::store::Funnel) {

@@ -895,6 +895,26 @@ fn sigkill_loop_webhook_receiver_processes_each_action_exactly_once() {
     );
 }
 
+/// A Brevo fake with `faults`, and a world with an email action through it and
+/// one customer, ann, in koester, planned at t0.
+fn brevo_world(
+    faults: Faults,
+    extra_keys: &str,
+) -> (fakes::FakeServer<fakes::brevo::Brevo>, World) {
+    let brevo = fakes::brevo::start_blocking(fakes::brevo::Config {
+        faults,
+        ..Default::default()
+    });
+    let w = world(&brevo_email_action(&brevo.base_url, extra_keys));
+    w.put(customer(
+        "ann",
+        Some("koester"),
+        json!({"email": "ann@example.com"}),
+    ));
+    w.nurture(t0());
+    (brevo, w)
+}
+
 fn brevo_email_action(url: &str, extra_keys: &str) -> String {
     format!(
         "{}[[actions]]\nname = \"welcome\"\njourney = \"lifecycle\"\nphase = \"koester\"\nkind = \"email\"\nconnector = \"mail\"\nmarketing = false\nparams = {{ subject = \"Welcome {{{{ customer.id }}}}\", html = \"<p>Hi</p>\" }}\n",
@@ -967,20 +987,13 @@ fn sigkill_loop_brevo_sends_each_email_exactly_once() {
 #[test]
 fn a_brevo_send_that_timed_out_but_went_through_is_not_sent_again() {
     // Brevo accepts the mail but answers after the client gave up (timeout_secs = 1).
-    let brevo = fakes::brevo::start_blocking(fakes::brevo::Config {
-        faults: Faults {
+    let (brevo, w) = brevo_world(
+        Faults {
             slow_answer: std::time::Duration::from_millis(1600),
             ..Faults::default()
         },
-        ..Default::default()
-    });
-    let w = world(&brevo_email_action(&brevo.base_url, "timeout_secs = 1"));
-    w.put(customer(
-        "ann",
-        Some("koester"),
-        json!({"email": "ann@example.com"}),
-    ));
-    w.nurture(t0());
+        "timeout_secs = 1",
+    );
     w.dispatch(t0());
     let e = &w.entries()[0];
     assert_eq!(e.state, State::Pending, "{e:?}");
@@ -1008,20 +1021,13 @@ fn a_brevo_send_that_timed_out_but_went_through_is_not_sent_again() {
 
 #[test]
 fn a_brevo_send_that_failed_is_sent_again_after_the_lookup_finds_nothing() {
-    let brevo = fakes::brevo::start_blocking(fakes::brevo::Config {
-        faults: Faults {
+    let (brevo, w) = brevo_world(
+        Faults {
             fail_first: 1,
             ..Faults::default()
         },
-        ..Default::default()
-    });
-    let w = world(&brevo_email_action(&brevo.base_url, ""));
-    w.put(customer(
-        "ann",
-        Some("koester"),
-        json!({"email": "ann@example.com"}),
-    ));
-    w.nurture(t0());
+        "",
+    );
     w.drain(t0(), 10);
     let e = &w.entries()[0];
     assert_eq!(e.state, State::Done, "{e:?}");
@@ -1034,21 +1040,14 @@ fn a_brevo_send_that_failed_is_sent_again_after_the_lookup_finds_nothing() {
 fn a_vendors_retry_after_sets_when_the_outbox_tries_again() {
     // Brevo throttles with Retry-After: 7; the connector does not retry itself
     // (max_retries = 0), so the outbox waits the 7 s, not its own 1-2 s backoff.
-    let brevo = fakes::brevo::start_blocking(fakes::brevo::Config {
-        faults: Faults {
+    let (brevo, w) = brevo_world(
+        Faults {
             throttle_every: Some(1),
             retry_after_secs: Some(7),
             ..Faults::default()
         },
-        ..Default::default()
-    });
-    let w = world(&brevo_email_action(&brevo.base_url, ""));
-    w.put(customer(
-        "ann",
-        Some("koester"),
-        json!({"email": "ann@example.com"}),
-    ));
-    w.nurture(t0());
+        "",
+    );
     w.dispatch(t0());
     let e = &w.entries()[0];
     assert_eq!(e.state, State::Pending, "{e:?}");
