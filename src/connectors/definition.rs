@@ -81,6 +81,8 @@ struct RawDefinition {
     #[serde(default)]
     requests: BTreeMap<Spanned<String>, RawRequest>,
     check: Option<RawRequest>,
+    /// `[webhooks]`: see [`super::inbound`].
+    webhooks: Option<super::inbound::RawWebhooks>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -364,6 +366,9 @@ pub struct Definition {
     pub requests: BTreeMap<String, Request>,
     /// The request `check --online` makes (default: the first pull page).
     pub check: Option<Shape>,
+    /// `[webhooks]`: how the vendor's webhooks are signed and what they mean;
+    /// without it the instance takes no webhooks.
+    pub webhooks: Option<super::inbound::Webhooks>,
     pub(crate) env: minijinja::Environment<'static>,
 }
 
@@ -893,10 +898,19 @@ impl Definition {
                 Some(PULL_VARS),
             ))
         });
-        if kind == Kind::Http && raw.pull.is_none() && raw.requests.is_empty() {
+        let request_names: Vec<&str> = raw.requests.keys().map(|k| k.get_ref().as_str()).collect();
+        let webhooks = raw
+            .webhooks
+            .as_ref()
+            .and_then(|w| super::inbound::compile(w, &request_names, &mut c.p));
+        if kind == Kind::Http
+            && raw.pull.is_none()
+            && raw.requests.is_empty()
+            && raw.webhooks.is_none()
+        {
             c.p.at(
                 0,
-                "an http definition needs a [pull] section, [requests], or both",
+                "an http definition needs a [pull] section, [requests] or [webhooks]",
             );
         }
         if !c.p.list.is_empty() {
@@ -917,6 +931,7 @@ impl Definition {
             pull,
             requests,
             check,
+            webhooks,
             env: c.env,
         })
     }
