@@ -1120,6 +1120,49 @@ id = "id"
     }
 
     #[test]
+    fn bad_webhooks_sections_point_at_the_problem() {
+        let head = "base_url = \"https://x.example\"\n[requests.ping]\npath = \"/\"\n";
+        // An unknown key: the TOML itself is refused, at the key.
+        let text = format!(
+            "{head}[webhooks]\nsignature = {{ scheme = \"hmac_sha256_base64\", header = \"X-Sig\" }}\ndelivery_id = {{ header = \"X-Id\" }}\ncolour = \"red\"\n"
+        );
+        let ds = Definition::parse("x", "x.toml", &text).unwrap_err();
+        let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+        assert!(
+            all.iter()
+                .any(|d| d.starts_with("x.toml:7:") && d.contains("colour")),
+            "{all:?}"
+        );
+        // An unknown scheme, a bad type and a bad fact: each at its line.
+        let text = format!(
+            "{head}[webhooks]\nsignature = {{ scheme = \"carrier_pigeon\" }}\ndelivery_id = {{ header = \"X-Id\" }}\n"
+        );
+        let ds = Definition::parse("x", "x.toml", &text).unwrap_err();
+        let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+        assert!(
+            all.iter()
+                .any(|d| d.starts_with("x.toml:5:") && d.contains("carrier_pigeon")),
+            "{all:?}"
+        );
+        let text = format!(
+            "{head}[webhooks]\nsignature = {{ scheme = \"fetch\", request = \"nosuch\" }}\ndelivery_id = {{ path = \"$when\" }}\n[webhooks.topics.t]\nemail = {{ path = \"mail\", type = \"colour\" }}\n"
+        );
+        let ds = Definition::parse("x", "x.toml", &text).unwrap_err();
+        let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+        for (line, what) in [(5, "nosuch"), (6, "$when"), (8, "colour")] {
+            assert!(
+                all.iter()
+                    .any(|d| d.starts_with(&format!("x.toml:{line}:")) && d.contains(what)),
+                "{what}: {all:?}"
+            );
+        }
+        // The shipped sections load.
+        for name in ["shopify", "woocommerce", "webhook", "mollie"] {
+            assert!(super::super::inbound::builtin(name).is_some(), "{name}");
+        }
+    }
+
+    #[test]
     fn registry_prefers_the_folder_and_rejects_odd_names() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
