@@ -836,4 +836,118 @@ mod tests {
                 .is_none()
         );
     }
+
+    fn b64(body: &[u8], secret: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(hmac(secret.as_bytes(), &[body]))
+    }
+
+    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn shopify_topics_map_as_declared() {
+        let order = json!({
+            "id": 820982911946154508u64, "email": "", "contact_email": "Jon@Example.com",
+            "created_at": "2024-01-02T10:00:00-05:00", "updated_at": "2024-01-03T10:00:00Z",
+            "name": "#9999", "total_price": "199.65", "currency": "EUR",
+            "fulfillments": [{"created_at": "2024-01-04T08:00:00Z"}],
+            "customer": {"id": 115310627314723954u64, "first_name": "Jon", "orders_count": 3,
+                         "total_spent": "400.10", "state": "enabled",
+                         "default_address": {"city": "Utrecht", "country_code": "NL"}}
+        });
+        let body = serde_json::to_vec(&order).unwrap();
+        let parse_topic = |topic: &str, body: &[u8]| {
+            let h = headers(&[
+                ("x-shopify-hmac-sha256", b64(body, "k")),
+                ("x-shopify-webhook-id", "w".into()),
+                ("x-shopify-topic", topic.into()),
+            ]);
+            shopify(&h, body, "k").unwrap().change.unwrap()
+        };
+        let ch = parse_topic("orders/create", &body);
+        assert_eq!(ch.email.as_deref(), Some("Jon@Example.com"), "empty email falls back");
+        assert_eq!(ch.source_id.as_deref(), Some("115310627314723954"));
+        assert_eq!(ch.order_id.as_deref(), Some("820982911946154508"));
+        assert_eq!(ch.attributes["orders_count"], json!(3));
+        assert_eq!(ch.attributes["total_spent"], json!(400.1));
+        assert_eq!(ch.attributes["city"], json!("Utrecht"));
+        assert_eq!(ch.attributes["shopify_state"], json!("enabled"));
+        assert_eq!(ch.events[0].kind, "order_created");
+        assert_eq!(ch.events[0].at, "2024-01-02T15:00:00Z");
+        assert_eq!(
+            ch.events[0].data,
+            json!({"order_id": "820982911946154508", "name": "#9999", "total": 199.65, "currency": "EUR"})
+        );
+        let ch = parse_topic("orders/fulfilled", &body);
+        assert_eq!(
+            (ch.events[0].kind.as_str(), ch.events[0].at.as_str()),
+            ("order_fulfilled", "2024-01-04T08:00:00Z")
+        );
+        let summary =
+            br#"{"customerId":"gid://shopify/Customer/7","numberOfOrders":2,"amountSpent":{"amount":"12.50"}}"#;
+        let ch = parse_topic("customers/purchasing_summary", summary);
+        assert_eq!(ch.source_id.as_deref(), Some("7"));
+        assert_eq!(ch.attributes["total_spent"], json!(12.5));
+        assert!(ch.events.is_empty());
+        let refund = br#"{"id":5,"order_id":820982911946154508,"created_at":"2024-01-05T00:00:00Z","transactions":[{"amount":"10.00"},{"amount":"2.5"}]}"#;
+        let ch = parse_topic("refunds/create", refund);
+        assert_eq!(ch.by_order.as_deref(), Some("820982911946154508"));
+        assert_eq!(
+            ch.events[0].data,
+            json!({"order_id": "820982911946154508", "refund_id": "5", "amount": 12.5})
+        );
+        let h = headers(&[
+            ("x-shopify-hmac-sha256", b64(b"{}", "k")),
+            ("x-shopify-webhook-id", "w".into()),
+            ("x-shopify-topic", "products/create".into()),
+        ]);
+        assert!(shopify(&h, b"{}", "k").unwrap().change.is_none(), "unmapped topic");
+        let h = headers(&[("x-shopify-hmac-sha256", b64(b"{}", "k"))]);
+        let e = shopify(&h, b"{}", "k").unwrap_err();
+        assert_eq!(e.to_string(), "X-Shopify-Webhook-Id is missing");
+    }
+
+    #[test]
+    fn woocommerce_and_generic_topics_map_as_declared() {
+        let order = json!({"id": 727, "status": "refunded", "total": "29.35", "currency": "USD",
+            "customer_id": 0, "date_modified_gmt": "2017-03-22T19:28:08",
+            "billing": {"email": "john@example.com", "city": "SF"}});
+        let body = serde_json::to_vec(&order).unwrap();
+        let h = headers(&[
+            ("x-wc-webhook-signature", b64(&body, "k")),
+            ("x-wc-webhook-topic", "order.updated".into()),
+            ("x-wc-webhook-id", "3".into()),
+            ("x-wc-webhook-delivery-id", "abc".into()),
+        ]);
+        let p = woocommerce(&h, &body, "k").unwrap().unwrap();
+        assert!(p.delivery_id.starts_with("3/abc/") && p.delivery_id.len() == 22);
+        let ch = p.change.unwrap();
+        assert_eq!(ch.source_id, None, "a guest");
+        assert_eq!(ch.email.as_deref(), Some("john@example.com"));
+        assert_eq!(ch.events.len(), 1);
+        assert_eq!(ch.events[0].kind, "order_refunded");
+        assert_eq!(ch.events[0].at, "2017-03-22T19:28:08Z");
+        assert_eq!(ch.events[0].data["status"], json!("refunded"));
+
+        let body = br#"{"id":"evt_1","type":"invoice.paid","customer_id":"c9","attributes":{"plan":"pro","phase":"x"},"data":{"object":{"amount":5}}}"#;
+        let t = 1_700_000_000i64;
+        let mut payload = format!("{t}.").into_bytes();
+        payload.extend_from_slice(body);
+        let sig = hex(&hmac(b"k", &[&payload]));
+        let h = headers(&[("webhook-signature", format!("t={t},v1={sig}"))]);
+        let p = signed(&h, body, "k", t, 300).unwrap();
+        assert_eq!((p.delivery_id.as_str(), p.topic.as_str()), ("evt_1", "invoice.paid"));
+        let ch = p.change.unwrap();
+        assert_eq!(ch.source_id.as_deref(), Some("c9"));
+        assert_eq!(ch.attributes.get("plan"), Some(&json!("pro")));
+        assert!(!ch.attributes.contains_key("phase"), "the engine's own");
+        assert_eq!(ch.events[0].kind, "invoice_paid");
+        assert_eq!(ch.events[0].at, "2023-11-14T22:13:20Z", "the signed time");
+        assert_eq!(ch.events[0].data, json!({"amount": 5}));
+    }
 }
