@@ -507,7 +507,9 @@ pub(crate) fn compile(
                 let at = sig.request.as_ref().map_or(sig_at, |r| r.span().start);
                 p.at(
                     at,
-                    format!("signature scheme \"fetch\" needs the request {request:?} in [requests]"),
+                    format!(
+                        "signature scheme \"fetch\" needs the request {request:?} in [requests]"
+                    ),
                 );
             }
             if let Some(h) = &sig.header {
@@ -579,7 +581,12 @@ pub(crate) fn compile(
                 .map(|d| paths(p, &format!("{w}.data_from"), d))
                 .unwrap_or_default();
             let when = e.when.as_ref().and_then(|c| {
-                let s = src(p, c.path.span().start, &format!("{w}.when"), c.path.get_ref())?;
+                let s = src(
+                    p,
+                    c.path.span().start,
+                    &format!("{w}.when"),
+                    c.path.get_ref(),
+                )?;
                 Some((s, c.equals.clone()))
             });
             topic.events.push(EventMap {

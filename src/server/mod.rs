@@ -42,8 +42,7 @@ pub struct Loaded {
     pub connectors: std::collections::HashMap<String, crate::connectors::Connector>,
     /// Instance name → its definition, for every instance whose definition loads
     /// (its `[webhooks]` says how to read the instance's webhooks).
-    pub definitions:
-        std::collections::HashMap<String, Arc<crate::connectors::Definition>>,
+    pub definitions: std::collections::HashMap<String, Arc<crate::connectors::Definition>>,
     /// When they were loaded (RFC 3339).
     pub loaded_at: String,
     /// A hash of config.toml and every file under `rules/` when they were read, so a

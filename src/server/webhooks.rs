@@ -870,7 +870,11 @@ mod tests {
             shopify(&h, body, "k").unwrap().change.unwrap()
         };
         let ch = parse_topic("orders/create", &body);
-        assert_eq!(ch.email.as_deref(), Some("Jon@Example.com"), "empty email falls back");
+        assert_eq!(
+            ch.email.as_deref(),
+            Some("Jon@Example.com"),
+            "empty email falls back"
+        );
         assert_eq!(ch.source_id.as_deref(), Some("115310627314723954"));
         assert_eq!(ch.order_id.as_deref(), Some("820982911946154508"));
         assert_eq!(ch.attributes["orders_count"], json!(3));
@@ -906,7 +910,10 @@ mod tests {
             ("x-shopify-webhook-id", "w".into()),
             ("x-shopify-topic", "products/create".into()),
         ]);
-        assert!(shopify(&h, b"{}", "k").unwrap().change.is_none(), "unmapped topic");
+        assert!(
+            shopify(&h, b"{}", "k").unwrap().change.is_none(),
+            "unmapped topic"
+        );
         let h = headers(&[("x-shopify-hmac-sha256", b64(b"{}", "k"))]);
         let e = shopify(&h, b"{}", "k").unwrap_err();
         assert_eq!(e.to_string(), "X-Shopify-Webhook-Id is missing");
@@ -941,7 +948,10 @@ mod tests {
         let sig = hex(&hmac(b"k", &[&payload]));
         let h = headers(&[("webhook-signature", format!("t={t},v1={sig}"))]);
         let p = signed(&h, body, "k", t, 300).unwrap();
-        assert_eq!((p.delivery_id.as_str(), p.topic.as_str()), ("evt_1", "invoice.paid"));
+        assert_eq!(
+            (p.delivery_id.as_str(), p.topic.as_str()),
+            ("evt_1", "invoice.paid")
+        );
         let ch = p.change.unwrap();
         assert_eq!(ch.source_id.as_deref(), Some("c9"));
         assert_eq!(ch.attributes.get("plan"), Some(&json!("pro")));

@@ -854,7 +854,10 @@ async fn a_new_shop_is_supported_by_writing_its_webhooks_in_toml() {
     let events = c["events"].as_array().unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["order_created", "gift_web_app"], "{c}");
-    assert_eq!(events[0]["data"], json!({"order_id": "5001", "total": 99.95}));
+    assert_eq!(
+        events[0]["data"],
+        json!({"order_id": "5001", "total": 99.95})
+    );
     assert_eq!(phase_of(&x, "decision").as_deref(), Some("purchase"), "{x}");
 
     // The same delivery again: a duplicate; a topic the definition does not map is
@@ -863,7 +866,11 @@ async fn a_new_shop_is_supported_by_writing_its_webhooks_in_toml() {
     assert_eq!(v["status"], "duplicate", "{v}");
     let other = serde_json::to_vec(&json!({"event": "stock.changed"})).unwrap();
     let (status, v) = body_json(post(other, "acme-secret", "d2").await.unwrap()).await;
-    assert_eq!((status, v["status"].as_str()), (200, Some("ignored")), "{v}");
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("ignored")),
+        "{v}"
+    );
     // A delivery without its id header is refused.
     let r = reqwest::Client::new()
         .post(svc.url("/webhooks/acme"))
@@ -891,7 +898,11 @@ async fn an_instance_whose_definition_has_no_webhooks_is_404() {
         .await
         .unwrap();
     let (status, v) = body_json(r).await;
-    assert_eq!((status, &v["error"]), (404, &json!("unknown_instance")), "{v}");
+    assert_eq!(
+        (status, &v["error"]),
+        (404, &json!("unknown_instance")),
+        "{v}"
+    );
     assert!(
         v["message"].as_str().unwrap().contains("no [webhooks]"),
         "{v}"
