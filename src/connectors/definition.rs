@@ -81,6 +81,8 @@ struct RawDefinition {
     #[serde(default)]
     requests: BTreeMap<Spanned<String>, RawRequest>,
     check: Option<RawRequest>,
+    /// `[webhooks]`: see [`super::inbound`].
+    webhooks: Option<super::inbound::RawWebhooks>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,6 +374,9 @@ pub struct Definition {
     pub requests: BTreeMap<String, Request>,
     /// The request `check --online` makes (default: the first pull page).
     pub check: Option<Shape>,
+    /// `[webhooks]`: how the vendor's webhooks are signed and what they mean;
+    /// without it the instance takes no webhooks.
+    pub webhooks: Option<super::inbound::Webhooks>,
     pub(crate) env: minijinja::Environment<'static>,
 }
 
@@ -914,10 +919,19 @@ impl Definition {
                 Some(PULL_VARS),
             ))
         });
-        if kind == Kind::Http && raw.pull.is_none() && raw.requests.is_empty() {
+        let request_names: Vec<&str> = raw.requests.keys().map(|k| k.get_ref().as_str()).collect();
+        let webhooks = raw
+            .webhooks
+            .as_ref()
+            .and_then(|w| super::inbound::compile(w, &request_names, &mut c.p));
+        if kind == Kind::Http
+            && raw.pull.is_none()
+            && raw.requests.is_empty()
+            && raw.webhooks.is_none()
+        {
             c.p.at(
                 0,
-                "an http definition needs a [pull] section, [requests], or both",
+                "an http definition needs a [pull] section, [requests] or [webhooks]",
             );
         }
         if !c.p.list.is_empty() {
@@ -938,6 +952,7 @@ impl Definition {
             pull,
             requests,
             check,
+            webhooks,
             env: c.env,
         })
     }
@@ -1139,6 +1154,49 @@ id = "id"
         );
         let ds = Definition::parse("x", "x.toml", "colour = 1\n").unwrap_err();
         assert!(ds[0].to_string().contains("colour"), "{ds:?}");
+    }
+
+    #[test]
+    fn bad_webhooks_sections_point_at_the_problem() {
+        let head = "base_url = \"https://x.example\"\n[requests.ping]\npath = \"/\"\n";
+        // An unknown key: the TOML itself is refused, at the key.
+        let text = format!(
+            "{head}[webhooks]\nsignature = {{ scheme = \"hmac_sha256_base64\", header = \"X-Sig\" }}\ndelivery_id = {{ header = \"X-Id\" }}\ncolour = \"red\"\n"
+        );
+        let ds = Definition::parse("x", "x.toml", &text).unwrap_err();
+        let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+        assert!(
+            all.iter()
+                .any(|d| d.starts_with("x.toml:7:") && d.contains("colour")),
+            "{all:?}"
+        );
+        // An unknown scheme, a bad type and a bad fact: each at its line.
+        let text = format!(
+            "{head}[webhooks]\nsignature = {{ scheme = \"carrier_pigeon\" }}\ndelivery_id = {{ header = \"X-Id\" }}\n"
+        );
+        let ds = Definition::parse("x", "x.toml", &text).unwrap_err();
+        let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+        assert!(
+            all.iter()
+                .any(|d| d.starts_with("x.toml:5:") && d.contains("carrier_pigeon")),
+            "{all:?}"
+        );
+        let text = format!(
+            "{head}[webhooks]\nsignature = {{ scheme = \"fetch\", request = \"nosuch\" }}\ndelivery_id = {{ path = \"$when\" }}\n[webhooks.topics.t]\nemail = {{ path = \"mail\", type = \"colour\" }}\n"
+        );
+        let ds = Definition::parse("x", "x.toml", &text).unwrap_err();
+        let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+        for (line, what) in [(5, "nosuch"), (6, "$when"), (8, "colour")] {
+            assert!(
+                all.iter()
+                    .any(|d| d.starts_with(&format!("x.toml:{line}:")) && d.contains(what)),
+                "{what}: {all:?}"
+            );
+        }
+        // The shipped sections load.
+        for name in ["shopify", "woocommerce", "webhook", "mollie"] {
+            assert!(super::super::inbound::builtin(name).is_some(), "{name}");
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! definitions in `connectors/` (one TOML file per vendor; see `connectors/README.md`).
 //!
 //! - [`definition`]: loading and checking definitions ([`Registry`]).
+//! - [`inbound`]: a definition's `[webhooks]` section (how `klantreis run` reads
+//!   the vendor's webhooks).
 //! - [`Connector`]: a config.toml instance bound to its definition.
 //! - [`sync`] / [`sync_all`]: pulling page by page into the [`Store`], resumable and
 //!   incremental; [`Connector::send`]: the named outbound requests actions use.
@@ -13,6 +15,7 @@
 //! it has reported. Credentials live in [`Secret`]s and are never logged.
 
 pub mod definition;
+pub mod inbound;
 pub mod mapping;
 pub mod path;
 pub mod secret;

@@ -40,6 +40,9 @@ pub struct Loaded {
     /// Connector instances that could be built (webhooks that fetch their object
     /// use them); one that cannot (a missing `${VAR}`) is left out and logged.
     pub connectors: std::collections::HashMap<String, crate::connectors::Connector>,
+    /// Instance name → its definition, for every instance whose definition loads
+    /// (its `[webhooks]` says how to read the instance's webhooks).
+    pub definitions: std::collections::HashMap<String, Arc<crate::connectors::Definition>>,
     /// When they were loaded (RFC 3339).
     pub loaded_at: String,
     /// A hash of config.toml and every file under `rules/` when they were read, so a
@@ -73,12 +76,19 @@ impl Loaded {
             .into_iter()
             .map(|c| (c.name().to_string(), c))
             .collect();
+        let registry = crate::connectors::Registry::new(&config.connectors_dir);
+        let definitions = config
+            .connectors
+            .iter()
+            .filter_map(|inst| Some((inst.name.clone(), registry.get(&inst.kind).ok()?)))
+            .collect();
         Ok(Self {
             config,
             rules,
             traced,
             actions,
             connectors,
+            definitions,
             loaded_at: crate::time::format(clock.now()),
             fingerprint,
         })
@@ -461,7 +471,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(
             "/webhooks/{instance}",
-            post(webhooks::receive).fallback(method_not_allowed),
+            post(webhooks::receive).fallback(webhooks::wrong_method),
         )
         .route("/healthz", get(healthz).fallback(method_not_allowed))
         .route("/metrics", get(admin::metrics).fallback(method_not_allowed))

@@ -829,3 +829,162 @@ async fn mollie_webhook_fetches_the_payment_and_dedupes_per_status() {
     assert_eq!(r.status().as_u16(), 400, "an id Mollie does not know");
     assert_eq!(svc.stop(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_on_a_webhook_is_405_with_a_reason_and_counted() {
+    let sb = sandbox(true);
+    let svc = Service::start(&sb);
+    let r = reqwest::Client::new()
+        .get(svc.url("/webhooks/shop"))
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = body_json(r).await;
+    assert_eq!(status, 405, "{v}");
+    assert_eq!(v["error"], "method_not_allowed", "{v}");
+    assert!(v["message"].is_string(), "{v}");
+    let (status, m) = svc.get("/metrics", Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    let m = m.as_str().unwrap().to_string();
+    assert!(
+        m.contains("klantreis_webhooks_refused_total{reason=\"method_not_allowed\"} 1"),
+        "{m}"
+    );
+    assert_eq!(svc.stop(), 0);
+}
+
+/// A shop klantreis has no code for: its webhooks are described in TOML only.
+const ACME_DEFINITION: &str = r#"
+description = "Acme Shop: webhooks only"
+base_url = "https://acme.example"
+
+[params.webhook_secret]
+secret = true
+help = "the key that signs Acme's webhooks"
+
+[webhooks]
+signature = { scheme = "hmac_sha256_base64", header = "X-Acme-Signature" }
+delivery_id = { header = "X-Acme-Delivery" }
+topic = { path = "event", default = "unknown" }
+
+[webhooks.topics."order.placed"]
+email = ["buyer.mail", "contact.mail"]
+source_id = { path = "buyer.ref", transform = "last_segment" }
+order_id = "order.number"
+[webhooks.topics."order.placed".attributes]
+first_name = "buyer.given_name"
+total_spent = { path = "buyer.lifetime_value", type = "number" }
+orders_count = { path = "buyer.orders", type = "integer" }
+vip = { path = "buyer.vip", type = "bool" }
+[[webhooks.topics."order.placed".events]]
+kind = "order_created"
+time = ["order.placed_at", "order.created"]
+data = { order_id = "order.number", total = { path = "order.total", type = "number" } }
+[[webhooks.topics."order.placed".events]]
+when = { path = "order.gift", equals = "yes" }
+kind = "gift_{order.channel}"
+time = "order.placed_at"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_shop_is_supported_by_writing_its_webhooks_in_toml() {
+    let sb = sandbox(true);
+    sb.write("connectors/acmeshop.toml", ACME_DEFINITION);
+    let mut text = std::fs::read_to_string(sb.config()).unwrap();
+    text.push_str("\n[connectors.acme]\ntype = \"acmeshop\"\nwebhook_secret = \"acme-secret\"\n");
+    sb.write("config.toml", &text);
+    let out = sb.run(&["check"]);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+
+    let svc = Service::start(&sb);
+    let placed = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    let body = serde_json::to_vec(&json!({
+        "event": "order.placed",
+        "buyer": {"mail": "Zoe@Example.com", "ref": "acme/buyers/981", "given_name": "Zoe",
+                  "lifetime_value": "310.50", "orders": 3, "vip": "true"},
+        "order": {"number": 5001, "placed_at": placed, "total": "99.95", "gift": "yes", "channel": "web.app"}
+    }))
+    .unwrap();
+    let post = |body: Vec<u8>, secret: &str, delivery: &str| {
+        reqwest::Client::new()
+            .post(svc.url("/webhooks/acme"))
+            .header("X-Acme-Signature", shopify::sign(&body, secret))
+            .header("X-Acme-Delivery", delivery)
+            .body(body)
+            .send()
+    };
+    let (status, v) = body_json(post(body.clone(), "wrong", "d1").await.unwrap()).await;
+    assert_eq!((status, &v["error"]), (401, &json!("bad_signature")), "{v}");
+    let (status, v) = body_json(post(body.clone(), "acme-secret", "d1").await.unwrap()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "accepted", "{v}");
+    assert_eq!(v["topic"], "order.placed");
+    assert_eq!(v["customer"], "acme:981", "the source id, its last segment");
+
+    let (status, x) = svc.get("/api/customers/acme:981", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{x}");
+    let c = &x["customer"];
+    assert_eq!(c["email"], "zoe@example.com");
+    assert_eq!(c["acmeshop_id"], "981");
+    assert_eq!(c["first_name"], "Zoe");
+    assert_eq!(c["total_spent"], json!(310.5));
+    assert_eq!(c["orders_count"], json!(3));
+    assert_eq!(c["vip"], json!(true));
+    let events = c["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["order_created", "gift_web_app"], "{c}");
+    assert_eq!(
+        events[0]["data"],
+        json!({"order_id": "5001", "total": 99.95})
+    );
+    assert_eq!(phase_of(&x, "decision").as_deref(), Some("purchase"), "{x}");
+
+    // The same delivery again: a duplicate; a topic the definition does not map is
+    // accepted and ignored.
+    let (_, v) = body_json(post(body, "acme-secret", "d1").await.unwrap()).await;
+    assert_eq!(v["status"], "duplicate", "{v}");
+    let other = serde_json::to_vec(&json!({"event": "stock.changed"})).unwrap();
+    let (status, v) = body_json(post(other, "acme-secret", "d2").await.unwrap()).await;
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("ignored")),
+        "{v}"
+    );
+    // A delivery without its id header is refused.
+    let r = reqwest::Client::new()
+        .post(svc.url("/webhooks/acme"))
+        .header("X-Acme-Signature", shopify::sign(b"{}", "acme-secret"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = body_json(r).await;
+    assert_eq!((status, &v["error"]), (400, &json!("bad_request")), "{v}");
+    assert_eq!(svc.stop(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_definition_has_no_webhooks_is_404() {
+    let sb = sandbox(true);
+    let mut text = std::fs::read_to_string(sb.config()).unwrap();
+    text.push_str("\n[connectors.mail]\ntype = \"brevo\"\napi_key = \"xkeysib-test\"\nsender_email = \"noreply@shop.example\"\n");
+    sb.write("config.toml", &text);
+    let svc = Service::start(&sb);
+    let r = reqwest::Client::new()
+        .post(svc.url("/webhooks/mail"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = body_json(r).await;
+    assert_eq!(
+        (status, &v["error"]),
+        (404, &json!("unknown_instance")),
+        "{v}"
+    );
+    assert!(
+        v["message"].as_str().unwrap().contains("no [webhooks]"),
+        "{v}"
+    );
+    assert_eq!(svc.stop(), 0);
+}
