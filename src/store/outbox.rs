@@ -412,7 +412,10 @@ impl OutboxStore for SledStore {
         if let Some(v) = self.phases.get(entry_key(customer, key)).map_err(backend)? {
             return Ok(Some(Entry::decode(&v)?));
         }
-        Ok(self.embedded_of(customer)?.into_iter().find(|e| e.key == key))
+        Ok(self
+            .embedded_of(customer)?
+            .into_iter()
+            .find(|e| e.key == key))
     }
 
     fn outbox_find(&self, key: &str) -> Result<Option<Entry>, StoreError> {
@@ -705,13 +708,19 @@ mod tests {
         assert_eq!(h[0].flags, vec!["f".to_string()]);
         assert_eq!(h[0], update("c1", &[]).transitions[0]);
         // Every reader sees the entries.
-        assert_eq!(s.outbox_get("c1", "k2").unwrap().unwrap(), entry("c1", "k2", 200));
+        assert_eq!(
+            s.outbox_get("c1", "k2").unwrap().unwrap(),
+            entry("c1", "k2", 200)
+        );
         assert!(s.outbox_get("c1", "k3").unwrap().is_none());
         assert_eq!(
             s.outbox_of("c1").unwrap(),
             vec![entry("c1", "k1", 100), entry("c1", "k2", 200)]
         );
-        assert_eq!(s.outbox_find("k3").unwrap().unwrap(), entry("c2", "k3", 100));
+        assert_eq!(
+            s.outbox_find("k3").unwrap().unwrap(),
+            entry("c2", "k3", 100)
+        );
         assert!(s.outbox_find("k4").unwrap().is_none());
         assert_eq!(
             all_keys(&s),
@@ -722,7 +731,12 @@ mod tests {
             ]
         );
         assert_eq!(s.outbox_next_due().unwrap(), Some(100));
-        let due: Vec<_> = s.outbox_due(150, 10).unwrap().into_iter().map(|e| e.key).collect();
+        let due: Vec<_> = s
+            .outbox_due(150, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
         assert_eq!(due, vec!["k1", "k3"]);
         assert_eq!(s.outbox_due(300, 2).unwrap().len(), 2);
         assert_eq!(s.outbox_due(300, 10).unwrap().len(), 3);
@@ -788,7 +802,12 @@ mod tests {
         later.state = State::Pending;
         later.due = 500;
         s.outbox_put(Some(&claimed), &later).unwrap();
-        let due: Vec<_> = s.outbox_due(100, 10).unwrap().into_iter().map(|e| e.key).collect();
+        let due: Vec<_> = s
+            .outbox_due(100, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
         assert_eq!(due, vec!["k2"]);
         let due: Vec<_> = s.outbox_due(600, 10).unwrap();
         assert_eq!(due.len(), 2);
@@ -850,13 +869,19 @@ mod tests {
         for kv in s.phases.iter() {
             let (k, v) = kv.unwrap();
             let hay = [&k[..], &v[..]].concat();
-            if hay.windows(9).any(|w| w == b"secret-id") && !k.starts_with(b"h/") && !k.starts_with(b"s/") {
+            if hay.windows(9).any(|w| w == b"secret-id")
+                && !k.starts_with(b"h/")
+                && !k.starts_with(b"s/")
+            {
                 left += 1;
             }
         }
         assert_eq!(left, 0);
         // The other customer is still due.
-        assert_eq!(s.outbox_due(1000, 10).unwrap(), vec![entry("c2", "k3", 100)]);
+        assert_eq!(
+            s.outbox_due(1000, 10).unwrap(),
+            vec![entry("c2", "k3", 100)]
+        );
         s.forget("secret-id").unwrap();
         for kv in s.phases.iter() {
             let (k, v) = kv.unwrap();
@@ -868,8 +893,11 @@ mod tests {
     #[test]
     fn store_forget_alone_erases_the_outbox_too() {
         let s = SledStore::temporary().unwrap();
-        s.record_phases(&[update("secret-id", &[("k1", 100)]), update("c2", &[("k3", 100)])])
-            .unwrap();
+        s.record_phases(&[
+            update("secret-id", &[("k1", 100)]),
+            update("c2", &[("k3", 100)]),
+        ])
+        .unwrap();
         assert!(s.forget("secret-id").unwrap());
         for kv in s.phases.iter() {
             let (k, v) = kv.unwrap();
