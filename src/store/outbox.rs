@@ -275,8 +275,9 @@ impl SledStore {
             .collect();
         plan.embedded = vec![Vec::new(); updates.len()];
         let mut seen = std::collections::HashSet::new();
-        // Per customer: the keys of their embedded entries, read once.
-        let mut embedded_keys: std::collections::HashMap<&str, std::collections::HashSet<String>> =
+        // Per customer, read once: whether they have any history, and the keys of
+        // their embedded entries.
+        let mut known: std::collections::HashMap<&str, (bool, Vec<String>)> =
             std::collections::HashMap::new();
         for (i, u) in updates.iter().enumerate() {
             for w in &u.outbox {
@@ -285,28 +286,33 @@ impl SledStore {
                     if !seen.insert((e.customer.as_str(), e.key.as_str())) {
                         continue;
                     }
-                    if self
-                        .phases
-                        .contains_key(entry_key(&e.customer, &e.key))
-                        .map_err(backend)?
-                    {
-                        continue;
-                    }
-                    let keys = match embedded_keys.entry(e.customer.as_str()) {
+                    let (has_history, keys) = match known.entry(e.customer.as_str()) {
                         std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => v.insert(
-                            self.embedded_of(&e.customer)?
-                                .into_iter()
-                                .map(|e| e.key)
-                                .collect(),
-                        ),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(self.embedded_keys_of(&e.customer)?)
+                        }
                     };
                     if keys.contains(&e.key) {
                         continue;
                     }
+                    // A customer without history has no `o/` keys: those are written
+                    // for entries a transition planned (recorded with it), by the
+                    // dispatcher for such entries and their next occurrences, and
+                    // `forget` erases them before the history. (Only a `record_phases`
+                    // update without transitions writes `o/` keys without history;
+                    // nurture never plans one, and a copy embedded later would be
+                    // shadowed by that key, so no reader could see it.)
+                    if *has_history
+                        && self
+                            .phases
+                            .contains_key(entry_key(&e.customer, &e.key))
+                            .map_err(backend)?
+                    {
+                        continue;
+                    }
                 }
-                // Embedded only where no `o/` key can exist (only_new) and the list
-                // encoding holds (keys without NUL).
+                // Embedded only when the key is new (so no `o/` key shadows the copy)
+                // and the list encoding holds (keys without NUL).
                 if w.only_new
                     && e.customer == u.id
                     && !u.transitions.is_empty()
@@ -326,6 +332,24 @@ impl SledStore {
             }
         }
         Ok((guards, plan))
+    }
+
+    /// Whether a customer has any history record, and the keys of the entries
+    /// embedded in them.
+    fn embedded_keys_of(&self, customer: &str) -> Result<(bool, Vec<String>), StoreError> {
+        let mut any = false;
+        let mut keys = Vec::new();
+        for kv in self
+            .phases
+            .scan_prefix(super::sled_store::history_prefix(customer))
+        {
+            let (_, v) = kv.map_err(backend)?;
+            any = true;
+            if has_embedded(&v) {
+                keys.extend(embedded_in(&v)?.into_iter().map(|e| e.key));
+            }
+        }
+        Ok((any, keys))
     }
 
     /// A customer's embedded entries (current or shadowed by an `o/` key).
@@ -760,6 +784,28 @@ mod tests {
         s.record_phases(&[update("c1", &[("k1", 100)])]).unwrap();
         assert_eq!(all_keys(&s), vec![("k1".into(), State::Done)]);
         assert!(s.outbox_due(1000, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_own_key_written_without_history_still_shadows_a_later_plan() {
+        let s = SledStore::temporary().unwrap();
+        let mut u = update("c1", &[("k1", 100)]);
+        u.transitions.clear();
+        s.record_phases(&[u]).unwrap();
+        s.record_phases(&[update("c1", &[("k1", 200)])]).unwrap();
+        assert_eq!(s.outbox_of("c1").unwrap(), vec![entry("c1", "k1", 100)]);
+        assert_eq!(all_keys(&s).len(), 1);
+        assert_eq!(s.outbox_due(150, 10).unwrap().len(), 1);
+        assert_eq!(s.outbox_due(250, 10).unwrap().len(), 1);
+        // With history, the own key is found and nothing is embedded.
+        s.record_phases(&[update("c1", &[("k1", 300)])]).unwrap();
+        assert_eq!(
+            s.phases
+                .scan_prefix(b"h/")
+                .filter(|kv| has_embedded(&kv.as_ref().unwrap().1))
+                .count(),
+            1
+        );
     }
 
     #[test]
