@@ -16,27 +16,36 @@
 //!   `only_new: false`, or without a transition). An `o/` key **shadows** an embedded
 //!   copy with the same key: the `o/` value is the entry's current state.
 //!
+//! `only_new` is checked under the customer's stripe lock against both places: one
+//! scan of the customer's history (the keys embedded there), and the `o/` key only
+//! if they have history (without history they have no `o/` keys; see
+//! `prepare_outbox`).
+//!
 //! The due index holds the entries that are still open (pending, scheduled, in
 //! flight); delayed triggers are simply entries due later, so they are durable
 //! timers that any run can fire:
 //! - `q/{due:be64}\0{batch:be64}` → `customer\0key\0customer\0key\0...`: one list
-//!   per `record_phases` batch and due time, naming every entry that batch planned
-//!   with that due (ids never contain NUL, so a list key is told apart from a single
-//!   key by the NUL after the due time);
+//!   per `record_phases` batch and due time, naming every embedded entry that batch
+//!   planned with that due (ids never contain control characters, so a list key is
+//!   told apart from a single key by the NUL after the due time);
 //! - `q/{due:be64}{customer}\0{key}` → empty: one key per entry whose due was set
 //!   by `outbox_put` (retry backoff, quiet-hours deferral, the next occurrence, a
-//!   retry by hand).
+//!   retry by hand) or that was written under its own key by `record_phases`.
 //!
-//! An index member is live while its entry is open and still due at the key's time;
-//! `outbox_due` skips members that are not (and removes single keys and lists once
-//! nothing in them is live), and lists the entry once if two keys name it. A put that
-//! keeps an open entry open at the same due time (claiming it as in flight) leaves
-//! the index alone.
-//! - `m/code-secret` → 32 random bytes keying coupon codes (unguessable, yet the
-//!   same code for the same idempotency key).
+//! An index member is live while its entry (as `outbox_get` reads it) is open and
+//! still due at the key's time. `outbox_due` skips members that are not, removes
+//! single keys and lists once nothing in them is live, and lists an entry once if
+//! two keys name it; `outbox_next_due` skips (and removes) lists with nothing live.
+//! A put that keeps an open entry open at the same due time (claiming it as in
+//! flight) leaves the index alone; any other put into an open state writes a single
+//! key, so a list member that went stale never needs to come back.
 //!
-//! `forget` erases the `o/` keys, strips embedded entries from history records and
-//! removes the customer from every due key and list.
+//! Other keys: `m/code-secret` → 32 random bytes keying coupon codes (unguessable,
+//! yet the same code for the same idempotency key).
+//!
+//! `forget` (both [`OutboxStore::outbox_forget`] and [`Store::forget`]) erases the
+//! `o/` keys, strips embedded entries from history records and removes the customer
+//! from every due key and list (it reads the whole due index to find them).
 
 use super::{PhaseUpdate, SledStore, Store, StoreError};
 use crate::outbox::Entry;
