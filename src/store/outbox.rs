@@ -286,8 +286,14 @@ impl SledStore {
         let mut seen = std::collections::HashSet::new();
         // Per customer, read once: whether they have any history, and the keys of
         // their embedded entries.
-        let mut known: std::collections::HashMap<&str, (bool, Vec<String>)> =
-            std::collections::HashMap::new();
+        let mut known = self.history_facts(
+            updates
+                .iter()
+                .flat_map(|u| u.outbox.iter())
+                .filter(|w| w.only_new)
+                .map(|w| w.entry.customer.as_str())
+                .collect(),
+        )?;
         for (i, u) in updates.iter().enumerate() {
             for w in &u.outbox {
                 let e = &w.entry;
@@ -295,12 +301,11 @@ impl SledStore {
                     if !seen.insert((e.customer.as_str(), e.key.as_str())) {
                         continue;
                     }
-                    let (has_history, keys) = match known.entry(e.customer.as_str()) {
-                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(self.embedded_keys_of(&e.customer)?)
-                        }
-                    };
+                    if !known.contains_key(e.customer.as_str()) {
+                        let facts = self.embedded_keys_of(&e.customer)?;
+                        known.insert(e.customer.as_str(), facts);
+                    }
+                    let (has_history, keys) = &known[e.customer.as_str()];
                     if keys.contains(&e.key) {
                         continue;
                     }
@@ -359,6 +364,78 @@ impl SledStore {
             }
         }
         Ok((any, keys))
+    }
+
+    /// [`SledStore::embedded_keys_of`] for many customers. A nurture batch holds a
+    /// run of neighbouring ids, so one pass over the history between the first and
+    /// the last of them is cheaper than a scan per customer (each sled scan pins and
+    /// copies a leaf); if that range holds much more history than the customers
+    /// own, the rest is read customer by customer.
+    fn history_facts<'a>(
+        &self,
+        mut customers: Vec<&'a str>,
+    ) -> Result<std::collections::HashMap<&'a str, (bool, Vec<String>)>, StoreError> {
+        customers.sort_unstable();
+        customers.dedup();
+        let mut facts = std::collections::HashMap::with_capacity(customers.len());
+        let mut next = 0; // customers[..next] are complete
+        if customers.len() >= 8 {
+            let lo = super::sled_store::history_prefix(customers[0]);
+            let mut hi = super::sled_store::history_prefix(customers[customers.len() - 1]);
+            *hi.last_mut().expect("a prefix ends in NUL") = 1;
+            let budget = 4 * customers.len() + 256;
+            let mut visited = 0;
+            let mut current: Option<(&str, bool, Vec<String>)> = None;
+            for kv in self.phases.range(lo..hi) {
+                let (k, v) = kv.map_err(backend)?;
+                visited += 1;
+                if visited > budget {
+                    // Too much history between them: finish the rest one by one.
+                    current = None;
+                    break;
+                }
+                let c = customer_of(&k);
+                if current
+                    .as_ref()
+                    .is_some_and(|(cur, _, _)| cur.as_bytes() != c)
+                {
+                    let (cur, any, keys) = current.take().expect("checked");
+                    facts.insert(cur, (any, keys));
+                    next += 1;
+                }
+                if current.is_none() {
+                    // Customers before this one have no history.
+                    while next < customers.len() && customers[next].as_bytes() < c {
+                        facts.insert(customers[next], (false, Vec::new()));
+                        next += 1;
+                    }
+                    if next < customers.len() && customers[next].as_bytes() == c {
+                        current = Some((customers[next], false, Vec::new()));
+                    } else {
+                        continue; // someone else's history
+                    }
+                }
+                let (_, any, keys) = current.as_mut().expect("set above");
+                *any = true;
+                if has_embedded(&v) {
+                    keys.extend(embedded_in(&v)?.into_iter().map(|e| e.key));
+                }
+            }
+            if visited <= budget {
+                if let Some((cur, any, keys)) = current.take() {
+                    facts.insert(cur, (any, keys));
+                    next += 1;
+                }
+                for c in &customers[next..] {
+                    facts.insert(*c, (false, Vec::new()));
+                }
+                next = customers.len();
+            }
+        }
+        for c in &customers[next..] {
+            facts.insert(*c, self.embedded_keys_of(c)?);
+        }
+        Ok(facts)
     }
 
     /// A customer's embedded entries (current or shadowed by an `o/` key).
@@ -815,6 +892,44 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn history_facts_for_many_customers_match_one_scan_each() {
+        let s = SledStore::temporary().unwrap();
+        let ids: Vec<String> = (0..40).map(|i| format!("c{i:02}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            match i % 3 {
+                0 => s
+                    .record_phases(&[update(id, &[(&format!("k{i}"), 100)])])
+                    .unwrap(),
+                1 => s.record_phases(&[update(id, &[])]).unwrap(),
+                _ => {}
+            }
+        }
+        // Lots of someone else's history between them (past the pass's budget).
+        for _ in 0..400 {
+            s.record_phases(&[update("c05x", &[])]).unwrap();
+        }
+        let check = |subset: Vec<&str>| {
+            let facts = s.history_facts(subset.clone()).unwrap();
+            let distinct: std::collections::HashSet<_> = subset.iter().collect();
+            assert_eq!(facts.len(), distinct.len());
+            for c in subset {
+                assert_eq!(facts[c], s.embedded_keys_of(c).unwrap(), "{c}");
+            }
+        };
+        check(ids.iter().map(String::as_str).collect());
+        check(ids.iter().step_by(2).map(String::as_str).collect());
+        check(ids.iter().skip(6).take(12).map(String::as_str).collect());
+        check(ids.iter().skip(20).rev().map(String::as_str).collect());
+        check(vec!["c00", "c05x", "c39", "c99", "b", "c00"]);
+        let mut many: Vec<&str> = ids.iter().map(String::as_str).collect();
+        many.push("c05x");
+        check(many);
+        assert!(s.embedded_keys_of("c03").unwrap().0);
+        assert_eq!(s.embedded_keys_of("c03").unwrap().1, vec!["k3".to_string()]);
+        assert_eq!(s.embedded_keys_of("c02").unwrap(), (false, vec![]));
     }
 
     #[test]
