@@ -16,10 +16,10 @@
 //!   `only_new: false`, or without a transition). An `o/` key **shadows** an embedded
 //!   copy with the same key: the `o/` value is the entry's current state.
 //!
-//! `only_new` is checked under the customer's stripe lock against both places: one
-//! scan of the customer's history (the keys embedded there), and the `o/` key only
-//! if they have history (without history they have no `o/` keys; see
-//! `prepare_outbox`).
+//! `only_new` is checked under the customers' stripe locks against both places: the
+//! keys embedded in their history (read in one pass over a batch's neighbouring ids,
+//! see `history_facts`), and the `o/` key only if they have history (without
+//! history they have no `o/` keys; see `prepare_outbox`).
 //!
 //! The due index holds the entries that are still open (pending, scheduled, in
 //! flight); delayed triggers are simply entries due later, so they are durable
