@@ -136,8 +136,15 @@ pub fn idempotency_key(parts: &[&str]) -> String {
         h.update([0u8]);
     }
     let d = h.finalize();
-    let hex: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("kr_{hex}")
+    // Written into one buffer: planning computes a key per transition.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut key = String::with_capacity(35);
+    key.push_str("kr_");
+    for b in &d[..16] {
+        key.push(HEX[usize::from(b >> 4)] as char);
+        key.push(HEX[usize::from(b & 15)] as char);
+    }
+    key
 }
 
 /// The wait before attempt `attempts + 1`: exponential from `base`, capped at `max`,
@@ -240,6 +247,17 @@ mod tests {
             idempotency_key(&["c1", "lifecycle", "koester", "2026-01-02T00:00:00Z", "x"])
         );
         assert!(a.starts_with("kr_") && a.len() == 35);
+        // The same text as the first releases wrote (keys are stored and sent).
+        let mut h = Sha256::new();
+        for p in ["c1", "lifecycle", "koester", "2026-01-01T00:00:00Z", "x"] {
+            h.update(p.as_bytes());
+            h.update([0u8]);
+        }
+        let hex: String = h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(a, format!("kr_{hex}"));
     }
 
     #[test]

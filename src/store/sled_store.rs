@@ -10,8 +10,9 @@
 //!   [`Transition`]. States and their history share a tree so that one batch
 //!   records both atomically. History keys are `h/{id}\0{at:be64}{seq:be64}`: time
 //!   order first, so the order survives compaction. The outbox (`o/`, `q/`, `m/`)
-//!   lives here too, so transitions and their actions are one batch: see
-//!   `src/store/outbox.rs`.
+//!   lives here too, so transitions and their actions are one batch; entries planned
+//!   by a transition are embedded in its history record until the dispatcher first
+//!   changes them: see `src/store/outbox.rs`.
 //!
 //! Merges are read-modify-write, serialised per customer by a striped lock; a batch
 //! locks the stripes it touches in ascending order, so writers that partition their
@@ -84,7 +85,7 @@ fn state_key(id: &str) -> Vec<u8> {
     k
 }
 
-fn history_prefix(id: &str) -> Vec<u8> {
+pub(super) fn history_prefix(id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.len() + 11);
     k.extend_from_slice(b"h/");
     k.extend_from_slice(id.as_bytes());
@@ -470,25 +471,29 @@ impl Store for SledStore {
     }
 
     fn record_phases(&self, updates: &[PhaseUpdate]) -> Result<(), StoreError> {
+        // Planned outbox entries join the same batch, most of them embedded in the
+        // history record of the transition that planned them (see
+        // src/store/outbox.rs); the guards hold the customers' locks until it is
+        // applied.
+        let (_guards, outbox) = self.prepare_outbox(updates)?;
         let mut batch = sled::Batch::default();
-        for u in updates {
+        for (i, u) in updates.iter().enumerate() {
             if u.states.is_empty() {
                 batch.remove(state_key(&u.id));
             } else {
                 batch.insert(state_key(&u.id), encode_states(&u.states));
             }
-            for t in &u.transitions {
+            let last = u.transitions.len().saturating_sub(1);
+            for (j, t) in u.transitions.iter().enumerate() {
                 let seq = self.db.generate_id().map_err(backend)?;
                 let at = crate::time::unix_seconds(&t.at).unwrap_or(0);
                 let mut key = history_prefix(&u.id);
                 key.extend_from_slice(&at.to_be_bytes());
                 key.extend_from_slice(&seq.to_be_bytes());
-                batch.insert(key, t.encode());
+                batch.insert(key, outbox.history_value(i, t, j == last)?);
             }
         }
-        // Planned outbox entries join the same batch (see src/store/outbox.rs);
-        // the guards hold the customers' locks until it is applied.
-        let _guards = self.add_outbox_writes(&mut batch, updates)?;
+        outbox.finish(self, &mut batch)?;
         self.phases.apply_batch(batch).map_err(backend)
     }
 
@@ -520,8 +525,9 @@ impl Store for SledStore {
             Some(bytes) => email_of(&Customer::decode(&bytes)?),
             None => None,
         };
+        // Outbox entries (own keys, embedded copies, due keys and list members).
+        let mut any_phase = self.forget_outbox_locked(id)? > 0;
         let mut phases = sled::Batch::default();
-        let mut any_phase = false;
         phases.remove(state_key(id));
         for kv in self.phases.scan_prefix(history_prefix(id)) {
             let (k, _) = kv.map_err(backend)?;
