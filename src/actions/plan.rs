@@ -28,118 +28,133 @@ pub fn plan_update(
     if actions.is_empty() || update.transitions.is_empty() {
         return (out, errors);
     }
-    let mut base: Option<rhai::Map> = decoded;
+    // First the (transition, action) pairs that fire, then the customer's map for
+    // those that need it (a condition, a review request's order, an `every` zone):
+    // decoded at most once, cloned for all but its last use.
+    let mut fired = Vec::new();
     for t in &update.transitions {
         for a in &actions.list {
             let c = &a.config;
             if c.journey != t.journey {
                 continue;
             }
-            let (phase, since, fires_now) = match &c.trigger {
+            let (since, fires_now) = match &c.trigger {
                 Trigger::Exit if t.from.as_deref() == Some(c.phase.as_str()) => {
                     let since = old
                         .get(&t.journey)
                         .map_or(now_text.to_string(), |s| s.since.clone());
-                    (c.phase.clone(), since, true)
+                    (since, true)
                 }
                 Trigger::Enter | Trigger::After(_) | Trigger::Every(..)
                     if t.to.as_deref() == Some(c.phase.as_str()) =>
                 {
-                    (
-                        c.phase.clone(),
-                        now_text.to_string(),
-                        matches!(c.trigger, Trigger::Enter),
-                    )
+                    (now_text.to_string(), matches!(c.trigger, Trigger::Enter))
                 }
                 _ => continue,
             };
             // Conditions of immediate triggers are decided now, on the data that made
             // the transition; delayed ones when they are due.
-            let map = match &base {
-                Some(m) => m.clone(),
-                None => match RuleSet::customer_map(record) {
-                    Ok(m) => {
-                        base = Some(m.clone());
-                        m
-                    }
+            let needs_map = (fires_now && a.when.is_some())
+                || c.kind == Kind::ReviewRequest
+                || matches!(c.trigger, Trigger::Every(..));
+            fired.push((t, a, since, fires_now, needs_map));
+        }
+    }
+    let mut uses_left = fired.iter().filter(|f| f.4).count();
+    let mut base: Option<rhai::Map> = decoded;
+    for (t, a, since, fires_now, needs_map) in fired {
+        let c = &a.config;
+        let phase = c.phase.clone();
+        let map = if needs_map {
+            if base.is_none() {
+                match RuleSet::customer_map(record) {
+                    Ok(m) => base = Some(m),
                     Err(e) => {
                         errors.push(e.message);
                         return (out, errors);
                     }
-                },
-            };
-            let order = if c.kind == Kind::ReviewRequest {
-                match latest_order(&map, c.params.get("order_event").and_then(|v| v.as_str())) {
-                    Some(o) => Some(o),
-                    None => continue,
-                }
-            } else {
-                None
-            };
-            let tz = match &c.trigger {
-                Trigger::Every(..) => map
-                    .get("timezone")
-                    .and_then(|v| v.clone().into_string().ok())
-                    .and_then(|s| s.parse::<chrono_tz::Tz>().ok())
-                    .or_else(|| actions.settings.timezone.parse().ok())
-                    .unwrap_or(chrono_tz::UTC),
-                _ => chrono_tz::UTC,
-            };
-            if fires_now {
-                let mut m = map;
-                RuleSet::set_phase(&mut m, update.states.get(&t.journey));
-                match actions.condition(a, m, now) {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(e) => {
-                        errors.push(e);
-                        continue;
-                    }
                 }
             }
-            let due = match &c.trigger {
-                Trigger::After(secs) => now + secs,
-                Trigger::Every(..) => c.trigger.next_after(now, tz).unwrap_or(now),
-                _ => now,
-            };
-            let key = entry_key(&update.id, c, &phase, &since, order.as_deref(), due);
-            let reason = format!(
-                "{} {} {} at {}{}",
-                match c.trigger {
-                    Trigger::Exit => "left",
-                    _ => "entered",
-                },
-                t.journey,
-                phase,
-                now_text,
-                order
-                    .as_deref()
-                    .map(|o| format!(" (order {o})"))
-                    .unwrap_or_default()
-            );
-            out.push(OutboxWrite {
-                entry: Entry {
-                    key,
-                    customer: update.id.clone(),
-                    action: c.name.clone(),
-                    journey: t.journey.clone(),
-                    phase,
-                    phase_since: since,
-                    trigger: c.trigger_text.clone(),
-                    reason,
-                    created_at: now_text.to_string(),
-                    due,
-                    state: State::Pending,
-                    attempts: 0,
-                    last_error: None,
-                    note: None,
-                    results: Map::new(),
-                    done_at: None,
-                    channel: c.channel.clone(),
-                },
-                only_new: true,
-            });
+            uses_left -= 1;
+            if uses_left == 0 {
+                base.take()
+            } else {
+                base.clone()
+            }
+        } else {
+            None
+        };
+        let order = if c.kind == Kind::ReviewRequest {
+            let m = map.as_ref().expect("review requests get the map");
+            match latest_order(m, c.params.get("order_event").and_then(|v| v.as_str())) {
+                Some(o) => Some(o),
+                None => continue,
+            }
+        } else {
+            None
+        };
+        let tz = match (&c.trigger, &map) {
+            (Trigger::Every(..), Some(m)) => m
+                .get("timezone")
+                .and_then(|v| v.clone().into_string().ok())
+                .and_then(|s| s.parse::<chrono_tz::Tz>().ok())
+                .or_else(|| actions.settings.timezone.parse().ok())
+                .unwrap_or(chrono_tz::UTC),
+            _ => chrono_tz::UTC,
+        };
+        if let (true, Some(mut m)) = (fires_now && a.when.is_some(), map) {
+            RuleSet::set_phase(&mut m, update.states.get(&t.journey));
+            match actions.condition(a, m, now) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            }
         }
+        let due = match &c.trigger {
+            Trigger::After(secs) => now + secs,
+            Trigger::Every(..) => c.trigger.next_after(now, tz).unwrap_or(now),
+            _ => now,
+        };
+        let key = entry_key(&update.id, c, &phase, &since, order.as_deref(), due);
+        let reason = format!(
+            "{} {} {} at {}{}",
+            match c.trigger {
+                Trigger::Exit => "left",
+                _ => "entered",
+            },
+            t.journey,
+            phase,
+            now_text,
+            order
+                .as_deref()
+                .map(|o| format!(" (order {o})"))
+                .unwrap_or_default()
+        );
+        out.push(OutboxWrite {
+            entry: Entry {
+                key,
+                customer: update.id.clone(),
+                action: c.name.clone(),
+                journey: t.journey.clone(),
+                phase,
+                phase_since: since,
+                trigger: c.trigger_text.clone(),
+                reason,
+                created_at: now_text.to_string(),
+                due,
+                state: State::Pending,
+                attempts: 0,
+                last_error: None,
+                note: None,
+                results: Map::new(),
+                done_at: None,
+                channel: c.channel.clone(),
+            },
+            only_new: true,
+        });
     }
     (out, errors)
 }

@@ -386,9 +386,6 @@ fn plan_next_occurrence(
         None,
         next,
     );
-    if store.outbox_get(&e.customer, &key)?.is_some() {
-        return Ok(());
-    }
     let mut n = e.clone();
     n.key = key;
     n.due = next;
@@ -398,7 +395,7 @@ fn plan_next_occurrence(
     n.done_at = None;
     n.last_error = None;
     n.note = None;
-    store.outbox_put(None, &n)?;
+    store.outbox_put_new(&n)?;
     Ok(())
 }
 

@@ -78,6 +78,10 @@ pub trait OutboxStore: Send + Sync {
     fn outbox_scan(&self, visit: &mut dyn FnMut(Entry) -> bool) -> Result<(), StoreError>;
     /// Replaces `old` (as read) with `new` atomically, moving the due index along.
     fn outbox_put(&self, old: Option<&Entry>, new: &Entry) -> Result<(), StoreError>;
+    /// Writes `new` only if no entry with its key exists, checked and written under
+    /// the customer's lock (so a nurture planning the same key at the same moment
+    /// cannot write it too). Returns whether it was written.
+    fn outbox_put_new(&self, new: &Entry) -> Result<bool, StoreError>;
     /// Erases a customer's entries (`forget`).
     fn outbox_forget(&self, customer: &str) -> Result<u64, StoreError>;
     /// The per-store secret that keys coupon codes; created on first use.
@@ -676,6 +680,15 @@ impl OutboxStore for SledStore {
             }
         }
         Ok(())
+    }
+
+    fn outbox_put_new(&self, new: &Entry) -> Result<bool, StoreError> {
+        let _guard = self.stripes[super::stripe_of(&new.customer)].lock();
+        if self.outbox_get(&new.customer, &new.key)?.is_some() {
+            return Ok(false);
+        }
+        self.outbox_put(None, new)?;
+        Ok(true)
     }
 
     fn outbox_put(&self, old: Option<&Entry>, new: &Entry) -> Result<(), StoreError> {
