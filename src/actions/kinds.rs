@@ -164,7 +164,6 @@ pub fn prepare(
         // The key travels as a tag: Brevo takes no idempotency key, but a send
         // can be found again by its tags (the definition's `lookup`).
         m.insert("tags".into(), json!([c.name, entry.key]));
-        m.insert("idempotency_key".into(), Value::String(entry.key.clone()));
         Value::Object(m)
     };
     let log_line = |payload: Value| Step::Log {

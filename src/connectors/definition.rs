@@ -1088,6 +1088,15 @@ impl Registry {
 mod tests {
     use super::*;
 
+    /// The problems of a definition that must not load, as `file:line:column: ...`.
+    fn problems(text: &str) -> Vec<String> {
+        Definition::parse("x", "x.toml", text)
+            .unwrap_err()
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
+    }
+
     #[test]
     fn every_shipped_definition_loads() {
         for (name, text) in super::super::builtin::BUILTIN {
@@ -1135,8 +1144,7 @@ style = "sideways"
 [pull.map]
 id = "id"
 "#;
-        let ds = Definition::parse("x", "x.toml", text).unwrap_err();
-        let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+        let all = problems(text);
         assert!(
             all.iter()
                 .any(|d| d.starts_with("x.toml:7:") && d.contains("tokn")),
@@ -1163,8 +1171,7 @@ id = "id"
         let text = format!(
             "{head}[webhooks]\nsignature = {{ scheme = \"hmac_sha256_base64\", header = \"X-Sig\" }}\ndelivery_id = {{ header = \"X-Id\" }}\ncolour = \"red\"\n"
         );
-        let ds = Definition::parse("x", "x.toml", &text).unwrap_err();
-        let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+        let all = problems(&text);
         assert!(
             all.iter()
                 .any(|d| d.starts_with("x.toml:7:") && d.contains("colour")),
@@ -1174,8 +1181,7 @@ id = "id"
         let text = format!(
             "{head}[webhooks]\nsignature = {{ scheme = \"carrier_pigeon\" }}\ndelivery_id = {{ header = \"X-Id\" }}\n"
         );
-        let ds = Definition::parse("x", "x.toml", &text).unwrap_err();
-        let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+        let all = problems(&text);
         assert!(
             all.iter()
                 .any(|d| d.starts_with("x.toml:5:") && d.contains("carrier_pigeon")),
@@ -1184,8 +1190,7 @@ id = "id"
         let text = format!(
             "{head}[webhooks]\nsignature = {{ scheme = \"fetch\", request = \"nosuch\" }}\ndelivery_id = {{ path = \"$when\" }}\n[webhooks.topics.t]\nemail = {{ path = \"mail\", type = \"colour\" }}\n"
         );
-        let ds = Definition::parse("x", "x.toml", &text).unwrap_err();
-        let all: Vec<String> = ds.iter().map(|d| d.to_string()).collect();
+        let all = problems(&text);
         for (line, what) in [(5, "nosuch"), (6, "$when"), (8, "colour")] {
             assert!(
                 all.iter()

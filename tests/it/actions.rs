@@ -156,6 +156,22 @@ impl World {
         outbox::list(&self.store, None).unwrap()
     }
 
+    /// The customers of the log sink's lines, in order.
+    fn logged_customers(&self) -> Vec<String> {
+        self.log_lines()
+            .iter()
+            .map(|l| l["customer"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The customer's only (first) outbox entry.
+    fn entry_of(&self, customer: &str) -> outbox::Entry {
+        self.entries()
+            .into_iter()
+            .find(|e| e.customer == customer)
+            .unwrap_or_else(|| panic!("no entry for {customer}"))
+    }
+
     fn log_lines(&self) -> Vec<Value> {
         std::fs::read_to_string(self.dir.path().join("data/actions.jsonl"))
             .unwrap_or_default()
@@ -278,11 +294,7 @@ fn consent_guard_skips_marketing_without_consent() {
     w.put(customer("unknown", Some("koester"), json!({})));
     w.nurture(t0());
     w.dispatch(t0());
-    let who: Vec<String> = w
-        .log_lines()
-        .iter()
-        .map(|l| l["customer"].as_str().unwrap().to_string())
-        .collect();
+    let who = w.logged_customers();
     assert_eq!(who, ["yes"]);
     let skipped = w
         .entries()
@@ -395,17 +407,9 @@ fn quiet_hours_defer_to_the_morning_in_the_customers_time_zone() {
     ));
     w.nurture(late);
     w.dispatch(late);
-    let who: Vec<String> = w
-        .log_lines()
-        .iter()
-        .map(|l| l["customer"].as_str().unwrap().to_string())
-        .collect();
+    let who = w.logged_customers();
     assert_eq!(who, ["cur"]);
-    let ams = w
-        .entries()
-        .into_iter()
-        .find(|e| e.customer == "ams")
-        .unwrap();
+    let ams = w.entry_of("ams");
     assert_eq!(ams.state, State::Pending, "deferred, never dropped");
     // 08:00 in Amsterdam is 07:00 UTC.
     assert_eq!(
@@ -431,17 +435,9 @@ fn leaving_the_phase_cancels_a_delayed_action() {
     w.nurture(t0() + Duration::days(1));
     // Any later run fires the durable timer.
     w.dispatch(t0() + Duration::days(8));
-    let who: Vec<String> = w
-        .log_lines()
-        .iter()
-        .map(|l| l["customer"].as_str().unwrap().to_string())
-        .collect();
+    let who = w.logged_customers();
     assert_eq!(who, ["stays"]);
-    let left = w
-        .entries()
-        .into_iter()
-        .find(|e| e.customer == "leaves")
-        .unwrap();
+    let left = w.entry_of("leaves");
     assert_eq!(left.state, State::Cancelled);
 }
 
